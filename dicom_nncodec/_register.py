@@ -1,0 +1,80 @@
+"""Registration with pydicom: decoders, encoders, UID encodings and Dataset defaults.
+
+pydicom 3.0 has no public API to add a coder for a new transfer syntax, so
+this inserts into its private registries (pinned to pydicom 3.0.x for that
+reason).  ``Dataset.compress``/``decompress`` are wrapped so that, for the
+private syntaxes only, the defaults follow the DICOM rules: lossless
+compression and any decompression keep the SOP Instance UID; near-lossless
+compression gets a new one and the lossy attributes of PS3.3 C.7.6.1.1.5.
+"""
+from __future__ import annotations
+
+import functools
+
+from pydicom.dataset import Dataset
+from pydicom.pixels.decoders.base import _PIXEL_DATA_DECODERS, Decoder
+from pydicom.pixels.encoders.base import _PIXEL_DATA_ENCODERS, Encoder
+
+from .syntax import PRIVATE_SYNTAXES, NNCodecLossy, install_uid_hook, registered
+
+PLUGIN = "dicom_nncodec"
+_done = False
+
+
+def register() -> None:
+    global _done
+    if _done:
+        return
+    install_uid_hook()
+    for uid in PRIVATE_SYNTAXES:
+        dec = Decoder(uid)
+        dec.add_plugin(PLUGIN, ("dicom_nncodec.pydicom_plugin", "_decode_frame"))
+        _PIXEL_DATA_DECODERS.setdefault(uid, (dec, "nncodec"))
+        enc = Encoder(uid)
+        enc.add_plugin(PLUGIN, ("dicom_nncodec.pydicom_plugin", "_encode_frame"))
+        _PIXEL_DATA_ENCODERS.setdefault(uid, (enc, "nncodec"))
+    _wrap_dataset_methods()
+    _done = True
+
+
+_UNSET = object()
+
+
+def _wrap_dataset_methods() -> None:
+    original_compress = Dataset.compress
+    original_decompress = Dataset.decompress
+
+    @functools.wraps(original_compress)
+    def compress(self, transfer_syntax_uid, arr=None, encoding_plugin="", encapsulate_ext=False, *,
+                 generate_instance_uid=_UNSET, **kwargs):
+        ts = registered(transfer_syntax_uid)
+        if ts is None:
+            if generate_instance_uid is not _UNSET:
+                kwargs["generate_instance_uid"] = generate_instance_uid
+            return original_compress(self, transfer_syntax_uid, arr, encoding_plugin, encapsulate_ext, **kwargs)
+        from .dataset import apply_lossy_attributes
+        lossy = ts == NNCodecLossy
+        new_uid = lossy if generate_instance_uid is _UNSET else bool(generate_instance_uid)
+        raw = len(self.PixelData) if arr is None and "PixelData" in self else (arr.nbytes if arr is not None else 0)
+        original_compress(self, ts, arr, encoding_plugin, encapsulate_ext, generate_instance_uid=False, **kwargs)
+        if lossy:
+            from pydicom.encaps import generate_frames
+            nframes = int(self.get("NumberOfFrames", 1) or 1)
+            size = sum(len(f) for f in generate_frames(self.PixelData, number_of_frames=nframes))
+            apply_lossy_attributes(self, raw / max(1, size), new_uid=new_uid)
+        elif new_uid:
+            from pydicom.uid import generate_uid
+            self.SOPInstanceUID = self.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        return None
+
+    @functools.wraps(original_decompress)
+    def decompress(self, handler_name="", *, as_rgb=True, generate_instance_uid=_UNSET, **kwargs):
+        fm = getattr(self, "file_meta", None)
+        ours = fm is not None and registered(fm.get("TransferSyntaxUID", "")) is not None
+        if generate_instance_uid is _UNSET:
+            generate_instance_uid = not ours
+        return original_decompress(self, handler_name, as_rgb=as_rgb, generate_instance_uid=generate_instance_uid,
+                                   **kwargs)
+
+    Dataset.compress = compress
+    Dataset.decompress = decompress

@@ -1,0 +1,239 @@
+"""Frames in, bytes out, and back: the learned codec behind both transfer syntaxes.
+
+Why batches: the network runs once per pyramid step for a whole batch of
+same-sized planes (the frames of a multi-frame object, the components of a
+colour frame), which is what makes CPU and GPU fast.  Results never depend
+on the batch: every plane has its own range-coded stream and every number
+that reaches the coder is an integer computed exactly.
+
+Modes: lossless, and near-lossless with a guaranteed maximum absolute error
+``max_error`` (residuals quantised with step 2*max_error+1, as JPEG-LS NEAR).
+"""
+from __future__ import annotations
+
+import zlib
+from contextlib import nullcontext
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from . import bitstream as B
+from .entropy import StepDecoder, StepEncoder
+from .errors import BitstreamError, NNCodecError, UnsupportedPixelData
+from .models import pyramid as P
+from .models.context_model import PyramidRun
+from .pixels import PixelFormat, from_planes, to_planes
+from .zoo import DEFAULT_LOSSLESS_MODEL, LoadedModel, load_model
+
+MAX_NEAR_LOSSLESS_ERROR = 255
+DEFAULT_BATCH = 8
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` picks CUDA when present.  On CUDA, TF32 and non-deterministic
+    algorithms are switched off: the integer-valued float32 convolutions are
+    exact only in IEEE float32."""
+    name = str(device or "auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise NNCodecError("device 'cuda' requested but no CUDA device is available")
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    return dev
+
+
+_device_nets: dict[tuple[int, str], torch.nn.Module] = {}
+
+
+def _net_on(model: LoadedModel, dev: torch.device):
+    key = (id(model), str(dev))
+    net = _device_nets.get(key)
+    if net is None:
+        net = model.net if dev.type == "cpu" else __import__("copy").deepcopy(model.net).to(dev)
+        _device_nets[key] = net
+    return net
+
+
+def _nl_shift(max_error: int, thresholds: torch.Tensor) -> int:
+    """Scale-index shift for residuals quantised by 2N+1: floor(Q*log2(2N+1)), by table lookup."""
+    return int(torch.bucketize(torch.tensor([2 * max_error + 1]), thresholds, right=True)[0])
+
+
+class _PlaneBatch:
+    """Runs the pyramid over a batch of planes, encoding (``x`` given) or decoding (``payloads`` given)."""
+
+    def __init__(self, model: LoadedModel, dev, bits: np.ndarray, shape, max_error: int):
+        self.model, self.dev, self.max_error = model, dev, max_error
+        self.bits = bits
+        self.n = len(bits)
+        self.sizes = P.level_sizes(*shape)
+        self.net = _net_on(model, dev)
+        self.nl_shift = _nl_shift(max_error, model.net.thresholds) if max_error else 0
+
+    def _residual_params(self, pred, sel):
+        mu4 = pred.mu4[:, sel[0], sel[1]].cpu().numpy()
+        j = pred.j[:, sel[0], sel[1]].cpu().numpy()
+        if self.max_error:
+            return (mu4 + 2) >> 2, np.clip(j - self.nl_shift, 0, P.NUM_SCALES - 1), np.zeros_like(j)
+        return mu4 >> 2, j, mu4 & 3
+
+    def encode(self, x: torch.Tensor) -> tuple[list[bytes], torch.Tensor]:
+        levels = P.level_images(x, self.sizes)
+        coders = [StepEncoder(self.model.tables) for _ in range(self.n)]
+        base = levels[-1].cpu().numpy().reshape(self.n, -1)
+        for i, c in enumerate(coders):
+            c.encode_uniform(base[i], int(self.bits[i]))
+        step = 2 * self.max_error + 1
+        maxv = torch.as_tensor((1 << self.bits) - 1, device=self.dev).view(-1, 1, 1)
+
+        def code_step(phase, level, pred, mask):
+            orig = P.split_phases(levels[level], self.sizes[level + 1])[phase]
+            sel = mask.nonzero(as_tuple=True)
+            loc, j, f = self._residual_params(pred, sel)
+            xo = orig[:, sel[0], sel[1]].cpu().numpy()
+            r = xo - loc
+            if self.max_error:
+                q = np.sign(r) * ((np.abs(r) + self.max_error) // step)
+                rec = np.clip(loc + q * step, 0, ((1 << self.bits) - 1)[:, None])
+                r = q
+            else:
+                rec = xo
+            for i, c in enumerate(coders):
+                c.encode_residuals(r[i], j[i], f[i], int(self.bits[i]))
+            out = torch.minimum(pred.rounded_loc.clamp_min(0), maxv).clone()
+            out[:, sel[0], sel[1]] = torch.as_tensor(rec, device=self.dev)
+            return out
+
+        with torch.no_grad():
+            recon = PyramidRun(self.net, torch.as_tensor(self.bits, device=self.dev), self.sizes,
+                               integer=True).run(levels[-1], code_step)
+        return [c.finish() for c in coders], recon
+
+    def decode(self, payloads: Sequence[bytes]) -> torch.Tensor:
+        coders = [StepDecoder(self.model.tables, p) for p in payloads]
+        hb, wb = self.sizes[-1]
+        base = np.stack([c.decode_uniform(hb * wb, int(b)) for c, b in zip(coders, self.bits)]).reshape(self.n, hb, wb)
+        step = 2 * self.max_error + 1
+        maxv = torch.as_tensor((1 << self.bits) - 1, device=self.dev).view(-1, 1, 1)
+
+        def code_step(phase, level, pred, mask):
+            sel = mask.nonzero(as_tuple=True)
+            loc, j, f = self._residual_params(pred, sel)
+            r = np.stack([c.decode_residuals(j[i], f[i], int(self.bits[i])) for i, c in enumerate(coders)]) \
+                if len(sel[0]) else np.zeros_like(loc)
+            rec = loc + r * step
+            rec = np.clip(rec, 0, ((1 << self.bits) - 1)[:, None])
+            out = torch.minimum(pred.rounded_loc.clamp_min(0), maxv).clone()
+            out[:, sel[0], sel[1]] = torch.as_tensor(rec, device=self.dev)
+            return out
+
+        with torch.no_grad():
+            return PyramidRun(self.net, torch.as_tensor(self.bits, device=self.dev), self.sizes,
+                              integer=True).run(torch.as_tensor(base, device=self.dev), code_step)
+
+
+def pixel_crc(frame: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(frame).tobytes())
+
+
+def encode_frames(frames: Iterable[np.ndarray], fmt: PixelFormat, *, max_error: int = 0,
+                  model_id: str = DEFAULT_LOSSLESS_MODEL, device="auto",
+                  batch_size: int = DEFAULT_BATCH) -> list[bytes]:
+    """Encode frames (each (rows, cols) or (rows, cols, 3)) of one pixel format."""
+    fmt.validate()
+    if not 0 <= int(max_error) <= MAX_NEAR_LOSSLESS_ERROR:
+        raise UnsupportedPixelData(f"max_error must be between 0 and {MAX_NEAR_LOSSLESS_ERROR}")
+    max_error = int(max_error)
+    model = load_model(model_id)
+    dev = resolve_device(device)
+    transform = fmt.coding_transform(max_error)
+    bits = np.array(fmt.plane_bits(transform), dtype=np.int64)
+    frames = list(frames)
+    out: list[bytes] = []
+    for start in range(0, len(frames), batch_size):
+        chunk = frames[start:start + batch_size]
+        planes = np.concatenate([to_planes(f, fmt, transform) for f in chunk])           # (n*P, rows, cols)
+        batch = _PlaneBatch(model, dev, np.tile(bits, len(chunk)), (fmt.rows, fmt.columns), max_error)
+        payloads, recon = batch.encode(torch.as_tensor(planes, dtype=torch.int64, device=dev))
+        recon = recon.cpu().numpy()
+        if max_error and np.abs(recon - planes).max(initial=0) > max_error:
+            raise NNCodecError("internal error: near-lossless reconstruction exceeds the bound")
+        if not max_error and not np.array_equal(recon, planes):
+            raise NNCodecError("internal error: lossless reconstruction differs")
+        p = len(bits)
+        for i, f in enumerate(chunk):
+            decoded = from_planes(recon[i * p:(i + 1) * p], fmt, transform)
+            header = B.FrameHeader(B.MODE_NEAR_LOSSLESS if max_error else B.MODE_LOSSLESS, max_error, model.model_id,
+                                   model.digest, fmt.rows, fmt.columns, fmt.samples_per_pixel, fmt.bits_allocated,
+                                   fmt.bits_stored, fmt.signed, transform, pixel_crc(decoded), ())
+            out.append(B.pack(header, payloads[i * p:(i + 1) * p]))
+    return out
+
+
+def encode_frame(frame: np.ndarray, fmt: PixelFormat, **kw) -> bytes:
+    return encode_frames([frame], fmt, **kw)[0]
+
+
+def _format_of(h: B.FrameHeader) -> PixelFormat:
+    photometric = "RGB" if h.transform else ("YBR_FULL" if h.samples_per_pixel == 3 else "MONOCHROME2")
+    return PixelFormat(h.rows, h.columns, h.samples_per_pixel, h.bits_allocated, h.bits_stored, h.signed, photometric)
+
+
+def check_matches(h: B.FrameHeader, fmt: PixelFormat | None) -> None:
+    """Refuse a frame whose description contradicts the dataset's (a foreign or misplaced frame)."""
+    if fmt is None:
+        return
+    mine = (h.rows, h.columns, h.samples_per_pixel, h.bits_stored, h.signed)
+    theirs = (fmt.rows, fmt.columns, fmt.samples_per_pixel, fmt.bits_stored, fmt.signed)
+    if mine != theirs:
+        raise BitstreamError(f"frame describes rows/columns/samples/bits stored/signed {mine}, "
+                             f"the dataset says {theirs}")
+
+
+def decode_frames(datas: Iterable[bytes], fmt: PixelFormat | None = None, *, device="auto",
+                  batch_size: int = DEFAULT_BATCH) -> list[np.ndarray]:
+    """Decode frames; each result is checked against the CRC-32 stored at encoding time."""
+    dev = resolve_device(device)
+    parsed = [B.unpack(d) for d in datas]
+    out: list[np.ndarray | None] = [None] * len(parsed)
+    # batch frames that share geometry and model
+    keys: dict[tuple, list[int]] = {}
+    for i, (h, _) in enumerate(parsed):
+        check_matches(h, fmt)
+        keys.setdefault((h.model_id, h.digest, h.rows, h.columns, h.samples_per_pixel, h.bits_stored,
+                         h.transform, h.max_error, h.bits_allocated, h.signed), []).append(i)
+    for key, idx in keys.items():
+        model = load_model(key[0], key[1])
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start:start + batch_size]
+            h0 = parsed[chunk[0]][0]
+            ffmt = _format_of(h0)
+            bits = np.array(ffmt.plane_bits(h0.transform), dtype=np.int64)
+            batch = _PlaneBatch(model, dev, np.tile(bits, len(chunk)), (h0.rows, h0.columns), h0.max_error)
+            payloads = [p for i in chunk for p in parsed[i][1]]
+            try:
+                planes = batch.decode(payloads).cpu().numpy()
+            except Exception as exc:  # constriction and numpy errors on garbage input
+                raise BitstreamError(f"corrupt payload: {exc}") from None
+            p = len(bits)
+            for k, i in enumerate(chunk):
+                frame = from_planes(planes[k * p:(k + 1) * p], ffmt)
+                if pixel_crc(frame) != parsed[i][0].pixel_crc:
+                    raise BitstreamError("decoded pixels fail the stored CRC-32 (corrupt payload, or a model "
+                                         "that does not decode bit-exactly here)")
+                out[i] = frame
+    return out  # type: ignore[return-value]
+
+
+def decode_frame(data: bytes, fmt: PixelFormat | None = None, **kw) -> np.ndarray:
+    return decode_frames([data], fmt, **kw)[0]
+
+
+def inference_mode():
+    return torch.inference_mode() if hasattr(torch, "inference_mode") else nullcontext()

@@ -1,0 +1,125 @@
+"""Whole-dataset operations: compress, decompress, and the DICOM rules that come with them.
+
+Why not just ``ds.compress``: pydicom encodes frame by frame; here frames are
+batched through the network (much faster for multi-frame objects and on a
+GPU), the Basic Offset Table is written, and the attributes PS3.3 requires
+for lossy results are set.  ``ds.compress(NNCodecLossless)`` and this module
+produce identical Pixel Data.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pydicom.pixels
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from . import codec
+from .errors import UnsupportedPixelData
+from .pixels import PixelFormat
+from .syntax import LOSSY_METHOD, NNCodecLossless, NNCodecLossy, fix_transfer_syntax, registered
+
+
+def number_of_frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        raise UnsupportedPixelData(f"Number of Frames {ds.get('NumberOfFrames')!r} is not an integer") from None
+
+
+def is_image(ds: Dataset) -> bool:
+    return "PixelData" in ds and "Rows" in ds
+
+
+def frames_of(ds: Dataset) -> list[np.ndarray]:
+    """Decoded frames of ``ds`` as arrays (any transfer syntax pydicom can decode)."""
+    fix_transfer_syntax(ds)
+    n = number_of_frames(ds)
+    # stored values as they are: no rescale, no VOI, no YBR -> RGB conversion
+    arr = pydicom.pixels.pixel_array(ds, raw=True)
+    if n == 1:
+        return [arr]
+    return list(arr)
+
+
+def apply_lossy_attributes(ds: Dataset, ratio: float, method: str = LOSSY_METHOD,
+                           new_uid: bool = True) -> None:
+    """PS3.3 C.7.6.1.1.5: "01" (never reset), ratio and method appended, Image Type DERIVED,
+    new SOP Instance UID with the original referenced in Source Image Sequence."""
+    ds.LossyImageCompression = "01"
+    ratios = list(ds.get("LossyImageCompressionRatio", []) or []) if "LossyImageCompressionRatio" in ds else []
+    methods = list(ds.get("LossyImageCompressionMethod", []) or []) if "LossyImageCompressionMethod" in ds else []
+    ds.LossyImageCompressionRatio = [f"{r}" for r in ratios] + [f"{ratio:.2f}"]
+    ds.LossyImageCompressionMethod = methods + [method]
+    if "ImageType" in ds:
+        it = list(ds.ImageType) if ds["ImageType"].VM > 1 else [str(ds.ImageType)]
+        it[0] = "DERIVED"
+        ds.ImageType = it
+    else:
+        ds.ImageType = ["DERIVED", "SECONDARY"]
+    if new_uid and "SOPInstanceUID" in ds:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = ds.SOPClassUID
+        ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        ds.SourceImageSequence = list(ds.get("SourceImageSequence", [])) + [ref]
+        uid = generate_uid()
+        ds.SOPInstanceUID = uid
+        if hasattr(ds, "file_meta"):
+            ds.file_meta.MediaStorageSOPInstanceUID = uid
+
+
+def compress(ds: Dataset, syntax=NNCodecLossless, *, max_error: int = 0, device="auto",
+             batch_size: int = codec.DEFAULT_BATCH) -> Dataset:
+    """Compress ``ds`` in place to one of the private syntaxes.
+
+    Lossless keeps every UID.  Near-lossless (``NNCodecLossy`` with
+    ``max_error`` >= 1) sets the lossy attributes and a new SOP Instance UID."""
+    syntax = registered(syntax)
+    if syntax is None:
+        raise ValueError("syntax must be NNCodecLossless or NNCodecLossy")
+    if syntax == NNCodecLossless and max_error:
+        raise UnsupportedPixelData("NNCodecLossless is lossless only; use NNCodecLossy with max_error")
+    if syntax == NNCodecLossy and max_error < 1:
+        raise UnsupportedPixelData("NNCodecLossy needs max_error=N (1..255)")
+    fmt = PixelFormat.from_dataset(ds).validate()
+    frames = frames_of(ds)
+    encoded = codec.encode_frames(frames, fmt, max_error=max_error, device=device, batch_size=batch_size)
+    raw = fmt.rows * fmt.columns * fmt.samples_per_pixel * fmt.bits_allocated // 8 * len(frames)
+    ds.PixelData = encapsulate(encoded)
+    ds["PixelData"].is_undefined_length = True
+    ds["PixelData"].VR = "OB"
+    if fmt.samples_per_pixel > 1:
+        ds.PlanarConfiguration = 0
+    if not hasattr(ds, "file_meta"):
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds._pixel_array = None
+    ds._pixel_id = {}
+    if max_error:
+        apply_lossy_attributes(ds, raw / max(1, sum(map(len, encoded))))
+    return ds
+
+
+def encoded_frames(ds: Dataset) -> list[bytes]:
+    """The encapsulated frames of ``ds`` (one fragment per frame)."""
+    return list(generate_frames(ds.PixelData, number_of_frames=number_of_frames(ds)))
+
+
+def decompress(ds: Dataset, *, device="auto", batch_size: int = codec.DEFAULT_BATCH) -> Dataset:
+    """Decompress a private-syntax dataset in place to Explicit VR Little Endian (UIDs kept)."""
+    fix_transfer_syntax(ds)
+    fmt = PixelFormat.from_dataset(ds)
+    frames = codec.decode_frames(encoded_frames(ds), fmt, device=device, batch_size=batch_size)
+    data = b"".join(f.tobytes() for f in frames)
+    if len(data) % 2:
+        data += b"\x00"
+    ds.PixelData = data
+    ds["PixelData"].is_undefined_length = False
+    ds["PixelData"].VR = "OW" if fmt.bits_allocated > 8 else "OB"
+    if fmt.samples_per_pixel > 1:
+        ds.PlanarConfiguration = 0
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds._pixel_array = None
+    ds._pixel_id = {}
+    return ds

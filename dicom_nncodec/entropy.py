@@ -1,0 +1,163 @@
+"""Integer probability tables and the adapter to the constriction range coder.
+
+Why tables: the coder must see exactly the same probabilities on every
+machine.  The network gives an integer scale index j and an integer location
+in quarter pixels; (j, quarter) selects one of a fixed set of tables of
+integer frequencies that ship inside the weights file.  No float computation
+happens at coding time, so nothing can round differently on another CPU.
+
+Symbol layout of a residual r = x - floor(mu) under table (j, f):
+  * k = max(0, floor(log2 scale_j) - 2) low bits are sent uniformly, and the
+    high part z = r >> k is coded with the table, over [-Z, Z];
+  * z outside [-Z, Z] is an escape (two escape symbols at the ends of the
+    table) followed by r itself, uniform over [-(2**b), 2**b).
+The tables are the logistic of scale_j centred at f/4, integrated over each
+bin (the same distribution the network was trained on).
+"""
+from __future__ import annotations
+
+import math
+
+import constriction
+import numpy as np
+
+from .models import pyramid as P
+
+FREQ_BITS = 22
+QUARTERS = 4
+TAIL_UNITS = 12          # the table covers +-12 logistic scales; beyond that, escape
+
+
+def low_bits(j: int) -> int:
+    return max(0, (j - P.SCALE_INDEX_OFFSET) // P.SCALES_PER_OCTAVE - 2)
+
+
+def build_tables() -> tuple[np.ndarray, np.ndarray]:
+    """All (j, f) tables: returns (offsets int64 of length NUM_SCALES*QUARTERS+1, freqs uint32).
+
+    Computed in float64 once, when weights are exported; the integers are what
+    ships and what the coder uses."""
+    freqs, offsets = [], [0]
+    for j in range(P.NUM_SCALES):
+        s = P.scale_of_index(j)
+        k = low_bits(j)
+        width = 1 << k
+        zmax = max(2, math.ceil(TAIL_UNITS * s / width))
+        for f in range(QUARTERS):
+            mu = f / QUARTERS
+            edges = (np.arange(-zmax, zmax + 2, dtype=np.float64) * width - 0.5 - mu) / s
+            cdf = 1.0 / (1.0 + np.exp(-edges))
+            mass = np.concatenate([[cdf[0]], np.diff(cdf), [1.0 - cdf[-1]]])
+            q = np.maximum(1, np.floor(mass * (1 << FREQ_BITS) + 0.5)).astype(np.uint32)
+            freqs.append(q)
+            offsets.append(offsets[-1] + len(q))
+    return np.array(offsets, dtype=np.int64), np.concatenate(freqs)
+
+
+class TableSet:
+    """The shipped tables, with constriction models built lazily (one per table used)."""
+
+    def __init__(self, offsets: np.ndarray, freqs: np.ndarray):
+        self.offsets, self.freqs = offsets, freqs
+        self._models: dict[int, object] = {}
+        self._uniform: dict[int, object] = {}
+
+    def table(self, t: int):
+        m = self._models.get(t)
+        if m is None:
+            f = self.freqs[self.offsets[t]:self.offsets[t + 1]].astype(np.float64)
+            m = constriction.stream.model.Categorical(f, perfect=False)
+            self._models[t] = m
+        return m
+
+    def zmax(self, t: int) -> int:
+        return (int(self.offsets[t + 1] - self.offsets[t]) - 3) // 2
+
+    def uniform(self, size: int):
+        m = self._uniform.get(size)
+        if m is None:
+            m = constriction.stream.model.Uniform(size)
+            self._uniform[size] = m
+        return m
+
+
+def _groups(table_idx: np.ndarray):
+    """Positions grouped by table, in a fixed order both sides can compute."""
+    order = np.argsort(table_idx, kind="stable")
+    sorted_t = table_idx[order]
+    cuts = np.flatnonzero(np.diff(sorted_t)) + 1
+    starts = np.concatenate([[0], cuts])
+    ends = np.concatenate([cuts, [len(order)]])
+    for a, b in zip(starts, ends):
+        yield int(sorted_t[a]), order[a:b]
+
+
+class StepEncoder:
+    """Collects the residuals of one plane, step after step, into one range-coded stream."""
+
+    def __init__(self, tables: TableSet):
+        self.tables = tables
+        self.enc = constriction.stream.queue.RangeEncoder()
+
+    def encode_uniform(self, values: np.ndarray, bits: int):
+        if len(values):
+            self.enc.encode(values.astype(np.int32), self.tables.uniform(1 << bits))
+
+    def encode_residuals(self, r: np.ndarray, j: np.ndarray, f: np.ndarray, bits: int):
+        """r: residuals (int64), j: scale index, f: quarter offset, for each coded position (1-D)."""
+        t = j * QUARTERS + f
+        esc_size = 1 << (bits + 1)
+        for table, idx in _groups(t):
+            k = low_bits(table // QUARTERS)
+            zmax = self.tables.zmax(table)
+            rr = r[idx]
+            z = rr >> k
+            esc = (z < -zmax) | (z > zmax)
+            sym = np.where(z < -zmax, 0, np.where(z > zmax, 2 * zmax + 2, z + zmax + 1))
+            self.enc.encode(sym.astype(np.int32), self.tables.table(table))
+            if k:
+                low = (rr - (z << k))[~esc]
+                if len(low):
+                    self.enc.encode(low.astype(np.int32), self.tables.uniform(1 << k))
+            if esc.any():
+                self.enc.encode((rr[esc] + (1 << bits)).astype(np.int32), self.tables.uniform(esc_size))
+
+    def finish(self) -> bytes:
+        return self.enc.get_compressed().astype("<u4").tobytes()
+
+
+class StepDecoder:
+    """Mirror of StepEncoder."""
+
+    def __init__(self, tables: TableSet, data: bytes):
+        if len(data) % 4:
+            raise ValueError("payload length is not a multiple of 4")
+        self.tables = tables
+        words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
+        self.dec = constriction.stream.queue.RangeDecoder(words)
+
+    def decode_uniform(self, n: int, bits: int) -> np.ndarray:
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.asarray(self.dec.decode(self.tables.uniform(1 << bits), n), dtype=np.int64)
+
+    def decode_residuals(self, j: np.ndarray, f: np.ndarray, bits: int) -> np.ndarray:
+        t = j * QUARTERS + f
+        r = np.empty(len(t), dtype=np.int64)
+        esc_size = 1 << (bits + 1)
+        for table, idx in _groups(t):
+            k = low_bits(table // QUARTERS)
+            zmax = self.tables.zmax(table)
+            sym = np.asarray(self.dec.decode(self.tables.table(table), len(idx)), dtype=np.int64)
+            esc = (sym == 0) | (sym == 2 * zmax + 2)
+            z = sym - zmax - 1
+            rr = z << k
+            if k:
+                n = int((~esc).sum())
+                if n:
+                    rr[~esc] += np.asarray(self.dec.decode(self.tables.uniform(1 << k), n), dtype=np.int64)
+            if esc.any():
+                rr[esc] = np.asarray(self.dec.decode(self.tables.uniform(esc_size), int(esc.sum())),
+                                     dtype=np.int64) - (1 << bits)
+            r[idx] = rr
+        return r

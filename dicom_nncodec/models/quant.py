@@ -1,0 +1,117 @@
+"""Fixed-point layers that train in float and run in exact integer arithmetic.
+
+Why this module exists: a lossless codec must compute the same probabilities on
+the encoder and on every decoder, whatever the CPU, GPU, thread count or batch
+size.  Float convolutions do not guarantee that (summation order, TF32, fused
+kernels).  Every layer here therefore has two forward passes defined by one set
+of quantisation rules:
+
+* ``forward_qat`` (training): float tensors holding values on the fixed-point
+  grid, with straight-through rounding so gradients flow.
+* ``forward_int`` (coding): float32 tensors holding *integers*.  Weights are
+  int8 (|w| <= 127), inputs are bounded by ``in_max`` and the export checks
+  that ``sum|w| * in_max + |bias| < 2**24`` for every output channel, so every
+  partial sum of the convolution is an integer below 2**24 and is represented
+  exactly in float32 under any summation order.  Requantisation multiplies by a
+  power of two (exact) and floors (exact).
+
+A value ``v`` with ``frac`` fractional bits is stored as the integer
+``v * 2**frac``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FLOAT32_EXACT_LIMIT = 1 << 24
+WEIGHT_MAX = 127
+BIAS_MAX = 1 << 22
+LEAKY_SHIFT = 3  # negative slope 1/8: an arithmetic shift, exact in integers
+
+
+def ste_floor(x: torch.Tensor) -> torch.Tensor:
+    """floor() in the forward pass, identity gradient in the backward pass."""
+    return x + (torch.floor(x) - x).detach()
+
+
+def ste_round(x: torch.Tensor) -> torch.Tensor:
+    """round-half-up in the forward pass, identity gradient backwards."""
+    return x + (torch.floor(x + 0.5) - x).detach()
+
+
+def weight_exponents(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel power-of-two weight scale: the largest e with max|w|*2**e <= 127."""
+    m = w.detach().abs().flatten(1).amax(1).clamp_min(1e-8)
+    e = torch.floor(torch.log2(WEIGHT_MAX / m))
+    return e.clamp(0, 14)
+
+
+class QConv(nn.Module):
+    """Conv2d with int8 weights, per-channel power-of-two scales and a fixed-point output.
+
+    ``in_frac``/``out_frac``: fractional bits of input and output.  ``act``:
+    ``"leaky"`` (slope 1/8) or ``None``.  ``out_clamp``: saturation of the
+    output integer.  ``in_max``: bound on |input integer|, used by the
+    exactness check at export.
+    """
+
+    def __init__(self, cin: int, cout: int, k: int, *, in_frac: int, out_frac: int = 4,
+                 act: str | None = "leaky", out_clamp: int = 127, in_max: int = 127):
+        super().__init__()
+        self.cin, self.cout, self.k = cin, cout, k
+        self.in_frac, self.out_frac, self.act = in_frac, out_frac, act
+        self.out_clamp, self.in_max = out_clamp, in_max
+        self.weight = nn.Parameter(torch.randn(cout, cin, k, k) * math.sqrt(1.0 / (cin * k * k)))
+        self.bias = nn.Parameter(torch.zeros(cout))
+        # integer form, filled by export(); kept as buffers so state_dict carries them
+        self.register_buffer("w_int", torch.zeros(cout, cin, k, k))
+        self.register_buffer("b_int", torch.zeros(cout))
+        self.register_buffer("e_int", torch.zeros(cout))
+
+    # ---- training -------------------------------------------------------------------------
+    def forward_qat(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        e = weight_exponents(self.weight).view(-1, 1, 1, 1)
+        scale = torch.pow(2.0, e)
+        w = ste_round(self.weight.clamp(-WEIGHT_MAX / scale, WEIGHT_MAX / scale) * scale) / scale
+        bscale = torch.pow(2.0, e.view(-1) + self.in_frac)
+        b = ste_round((self.bias * bscale).clamp(-BIAS_MAX, BIAS_MAX)) / bscale
+        y = F.conv2d(x, w, b, padding=self.k // 2)
+        y = ste_floor(y * (1 << self.out_frac))
+        if add is not None:
+            y = y + add * (1 << self.out_frac)
+        y = self._activate(y)
+        return y / (1 << self.out_frac)
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        if self.act == "leaky":
+            y = torch.where(y < 0, ste_floor(y / (1 << LEAKY_SHIFT)), y)
+        return y.clamp(-self.out_clamp, self.out_clamp)
+
+    # ---- export and exact inference -------------------------------------------------------
+    @torch.no_grad()
+    def export(self) -> None:
+        e = weight_exponents(self.weight)
+        scale = torch.pow(2.0, e).view(-1, 1, 1, 1)
+        w = torch.floor(self.weight.clamp(-WEIGHT_MAX / scale, WEIGHT_MAX / scale) * scale + 0.5)
+        b = torch.floor((self.bias * torch.pow(2.0, e + self.in_frac)).clamp(-BIAS_MAX, BIAS_MAX) + 0.5)
+        bound = w.abs().flatten(1).sum(1) * self.in_max + b.abs()
+        if float(bound.max()) >= FLOAT32_EXACT_LIMIT:
+            raise ValueError(f"layer {self.cin}->{self.cout}: partial sums may reach {float(bound.max()):.0f}"
+                             " >= 2**24; not exact in float32")
+        self.w_int.copy_(w)
+        self.b_int.copy_(b)
+        self.e_int.copy_(e)
+
+    def forward_int(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """x: float32 tensor of integers with |x| <= in_max.  Returns integers (float32)."""
+        acc = F.conv2d(x, self.w_int, self.b_int, padding=self.k // 2)
+        shift = (self.out_frac - self.in_frac) - self.e_int
+        y = torch.floor(acc * torch.pow(2.0, shift).view(1, -1, 1, 1))
+        if add is not None:
+            y = y + add
+        if self.act == "leaky":
+            y = torch.where(y < 0, torch.floor(y * (1.0 / (1 << LEAKY_SHIFT))), y)
+        return y.clamp(-self.out_clamp, self.out_clamp)
