@@ -1,0 +1,199 @@
+"""Background compression: workers that take instances from the queue in the index.
+
+Why in the background: a C-STORE is answered as soon as the instance is
+durably stored and indexed; the learned codec (tenths of a second per slice
+on a CPU) must never hold up a sending modality.  The queue lives in the
+index, so a restart resumes it.
+
+For each instance: decide by the rules, decode whatever arrived, encode with
+the learned codec (frames batched, on the GPU when configured), decode the
+result again and compare (bit-exact for lossless, within N for max_error;
+for natively encoded input the lossless check is on the stored bytes, so bits
+above Bits Stored that the codec would drop are caught), then write the new
+file durably and switch the index to it in one transaction.  Any failure
+keeps the original and records why.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+
+import numpy as np
+import pydicom.pixels
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+import dicom_nncodec
+from dicom_nncodec import NNCodecLossless, NNCodecLossy, UnsupportedPixelData
+
+from . import rules as R
+from .config import Config
+from .index import FAILED, KEPT, Index, Job, header_json
+from .storage import Storage
+
+log = logging.getLogger("scp.compressor")
+
+
+class VerificationError(Exception):
+    """The re-decoded result differs from the original beyond what the action allows."""
+
+
+def _frames_array(ds: Dataset) -> np.ndarray:
+    arr = pydicom.pixels.pixel_array(ds, raw=True)
+    return np.asarray(arr).astype(np.int64, copy=False)
+
+
+def _native_bytes(ds: Dataset) -> bytes | None:
+    """The stored pixel bytes in colour-by-pixel order, for natively encoded little-endian input."""
+    ts = ds.file_meta.TransferSyntaxUID
+    if ts.is_compressed or not ts.is_little_endian:
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    spp, ba = int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n = rows * cols * spp * frames * ba // 8
+    data = bytes(ds.PixelData[:n])
+    if spp > 1 and int(ds.get("PlanarConfiguration", 0) or 0) == 1:
+        a = np.frombuffer(data, dtype=f"<u{ba // 8}").reshape(frames, spp, rows, cols)
+        data = np.moveaxis(a, 1, -1).tobytes()
+    return data
+
+
+def compress_verified(ds: Dataset, decision: R.Decision, device: str, batch_size: int) -> Dataset:
+    """Compress ``ds`` in place as ``decision`` says and prove the result decodes as required."""
+    dicom_nncodec.fix_transfer_syntax(ds)
+    if "PixelData" not in ds:
+        raise UnsupportedPixelData("no Pixel Data")
+    reference = _frames_array(ds)
+    reference_bytes = _native_bytes(ds) if decision.action == R.LOSSLESS else None
+    if decision.action == R.LOSSLESS:
+        dicom_nncodec.compress(ds, NNCodecLossless, device=device, batch_size=batch_size)
+    else:
+        dicom_nncodec.compress(ds, NNCodecLossy, max_error=decision.max_error, device=device,
+                               batch_size=batch_size)
+    check = dicom_nncodec.decompress(copy.deepcopy(ds), device=device, batch_size=batch_size)
+    result = _frames_array(check)
+    if result.shape != reference.shape:
+        raise VerificationError(f"decoded shape {result.shape} differs from the original {reference.shape}")
+    if decision.action == R.LOSSLESS:
+        if not np.array_equal(result, reference):
+            raise VerificationError("decoded pixels differ from the original")
+        if reference_bytes is not None and bytes(check.PixelData[:len(reference_bytes)]) != reference_bytes:
+            raise UnsupportedPixelData("the stored pixel data has bits set above Bits Stored, which lossless "
+                                       "coding of the stored values would drop")
+    else:
+        worst = int(np.abs(result - reference).max(initial=0))
+        if worst > decision.max_error:
+            raise VerificationError(f"decoded pixels differ by up to {worst}, more than max_error "
+                                    f"{decision.max_error}")
+    return ds
+
+
+class Compressor:
+    def __init__(self, cfg: Config, index: Index, storage: Storage):
+        self.cfg, self.index, self.storage = cfg, index, storage
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping.clear()
+        for i in range(self.cfg.workers):
+            t = threading.Thread(target=self._loop, name=f"nncodec-compress-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Let each worker finish the instance it is on, then stop.  True if all stopped in time;
+        an instance left unfinished stays claimed and goes back to the queue at the next start."""
+        self._stopping.set()
+        self._wake.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        alive = [t for t in self._threads if t.is_alive()]
+        self._threads = alive
+        return not alive
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until the queue is empty and no worker is busy (for tests and tools)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._busy_lock:
+                busy = self._busy
+            if not busy and self.index.queue_length() == 0:
+                return True
+            time.sleep(0.05)
+        return False
+
+    # --- work ---------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                with self._busy_lock:
+                    self._busy += 1
+                try:
+                    job = self.index.claim()
+                    if job is not None:
+                        self.process(job)
+                finally:
+                    with self._busy_lock:
+                        self._busy -= 1
+            except Exception:   # the index is unreachable or similar: log, wait, go on
+                log.exception("compression worker error")
+                job = None
+            if job is None:
+                self._wake.wait(self.cfg.poll_seconds)
+                self._wake.clear()
+
+    def process(self, job: Job) -> None:
+        facts = R.Facts(job.modality, job.sop_class_uid, job.calling_ae, job.bits_stored, job.photometric,
+                        job.received_transfer_syntax)
+        decision = R.decide(self.cfg.rules, facts)
+        if decision.action == R.KEEP:
+            self.index.finish_unchanged(job, KEPT, f"kept by rule: {decision.rule}")
+            return
+        if job.transfer_syntax == str(NNCodecLossless) and decision.action == R.LOSSLESS:
+            self.index.finish_unchanged(job, KEPT, "already in the private lossless syntax")
+            return
+        started = time.monotonic()
+        try:
+            ds = dcmread(self.storage.abspath(job.path))
+            compress_verified(ds, decision, self.cfg.device, self.cfg.batch_size)
+        except UnsupportedPixelData as exc:
+            self.index.finish_unchanged(job, KEPT, f"not supported by the codec: {exc}")
+            log.info("kept %s as received: not supported by the codec: %s", job.sop_uid, exc)
+            return
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            self.index.finish_unchanged(job, FAILED, reason)
+            log.warning("compression of %s failed, original kept: %s", job.sop_uid, reason)
+            return
+        ds.file_meta.ImplementationClassUID = dicom_nncodec.IMPLEMENTATION_CLASS_UID
+        ds.file_meta.ImplementationVersionName = dicom_nncodec.IMPLEMENTATION_VERSION_NAME
+        try:
+            path, size = self.storage.write(lambda f: ds.save_as(f, enforce_file_format=True))
+        except Exception as exc:
+            reason = f"cannot write the compressed file: {exc}"
+            self.index.finish_unchanged(job, FAILED, reason)
+            log.warning("compression of %s failed, original kept: %s", job.sop_uid, reason)
+            return
+        new_uid = str(ds.SOPInstanceUID) if decision.action == R.MAX_ERROR else None
+        done, remove = self.index.finish_compressed(job, path, str(ds.file_meta.TransferSyntaxUID), size, new_uid,
+                                                    header_json(ds) if new_uid else None)
+        self.storage.remove(remove)
+        if done:
+            log.info("compressed %s (%s) to %d bytes in %.2f s%s", job.sop_uid, decision.action, size,
+                     time.monotonic() - started, f", new SOP Instance UID {new_uid}" if new_uid else "")
+        else:
+            log.info("compressed %s, but a newer copy arrived meanwhile: result discarded", job.sop_uid)

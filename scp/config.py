@@ -1,0 +1,403 @@
+"""Loading and checking the node's YAML configuration.
+
+Why this shape: the defaults live in one documented file (``default_config.yaml``,
+identical to ``config/nncodec.yaml``) so that what a hospital engineer reads is
+what the node does; this module only lays the user's file over it and checks
+every key, so that a typo stops start-up with the key's path and the reason
+instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import yaml
+from pydicom.uid import UID
+
+SERVICES = ("echo", "store", "find", "get", "move")
+DUPLICATE_POLICIES = ("keep", "replace", "reject")
+DEVICES = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MATCH_KEYS = ("modality", "sop_class", "calling_ae", "bits_stored", "photometric", "received_lossy")
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")   # printable ASCII, no backslash
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class ConfigError(ValueError):
+    """A configuration key with a wrong value: ``path`` is the key's dotted path."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    allow: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One compression rule: ``match`` maps a match key to its allowed values,
+    ``action`` is "lossless", "keep" or "max_error" (with ``max_error`` N)."""
+    name: str
+    match: dict[str, Any]
+    action: str
+    max_error: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    ae_title: str
+    port: int
+    bind: str
+    storage_path: str
+    duplicates: str
+    fsync: bool
+    min_free_mb: int
+    index_url: str
+    access: dict[str, str]
+    check_called_ae: bool
+    check_peer_host: bool
+    peers: tuple[Peer, ...]
+    device: str
+    workers: int
+    batch_size: int
+    poll_seconds: float
+    rules: tuple[Rule, ...]
+    retrieve_syntaxes: tuple[UID, ...]
+    max_associations: int
+    max_pdu_size: int
+    acse_timeout: float | None
+    dimse_timeout: float | None
+    network_timeout: float | None
+    max_find_results: int
+    shutdown_grace_seconds: float
+    log_level: str
+    log_file: str
+    pynetdicom_log_level: str
+    source: str = field(default="<default>", compare=False)
+
+    def peer_by_ae(self, ae_title: str) -> Peer | None:
+        ae_title = ae_title.strip()
+        for p in self.peers:
+            if p.ae_title == ae_title:
+                return p
+        return None
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+def default_text() -> str:
+    return resources.files("scp").joinpath("default_config.yaml").read_text(encoding="utf-8")
+
+
+def _parse_yaml(text: str, origin: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "file"
+        raise ConfigError(f"{origin} {where}", f"not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(origin, "the file must hold a mapping of keys")
+    return data
+
+
+def _overlay(base: dict, user: dict, path: str = "") -> dict:
+    """``user`` laid over ``base`` key by key; an unknown key is an error."""
+    out = copy.deepcopy(base)
+    for key, value in user.items():
+        here = f"{path}{key}"
+        if not isinstance(key, str) or key not in base:
+            known = ", ".join(sorted(base))
+            raise ConfigError(here, f"unknown key (known here: {known})")
+        if isinstance(base[key], dict) and base[key]:
+            if not isinstance(value, dict):
+                raise ConfigError(here, "must be a mapping")
+            out[key] = _overlay(base[key], value, here + ".")
+        else:
+            out[key] = value
+    return out
+
+
+def load(path: str | None = None) -> Config:
+    """The configuration from ``path`` laid over the defaults (``None``: defaults only)."""
+    base = _parse_yaml(default_text(), "default_config.yaml")
+    if path is None:
+        return build(base, "<default>")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read the configuration file ({exc.strerror})") from None
+    return build(_overlay(base, _parse_yaml(text, str(path))), str(path))
+
+
+def load_dict(user: dict) -> Config:
+    """Like :func:`load` for a mapping (tests and embedding)."""
+    base = _parse_yaml(default_text(), "default_config.yaml")
+    return build(_overlay(base, user), "<dict>")
+
+
+# --- checking --------------------------------------------------------------------------------------
+
+def _str(v, path, *, empty=True) -> str:
+    if v is None and empty:
+        return ""
+    if not isinstance(v, str):
+        raise ConfigError(path, f"must be text, not {type(v).__name__}")
+    if not empty and not v.strip():
+        raise ConfigError(path, "must not be empty")
+    return v
+
+
+def _int(v, path, lo=None, hi=None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(path, f"must be a whole number, not {v!r}")
+    if lo is not None and v < lo or hi is not None and v > hi:
+        raise ConfigError(path, f"must be between {lo} and {hi}" if hi is not None else f"must be at least {lo}")
+    return v
+
+
+def _num(v, path, lo=0.0, allow_none=False) -> float | None:
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(path, f"must be a number{' or null' if allow_none else ''}, not {v!r}")
+    if v < lo:
+        raise ConfigError(path, f"must be at least {lo}")
+    return float(v)
+
+
+def _bool(v, path) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(path, f"must be true or false, not {v!r}")
+    return v
+
+
+def _choice(v, path, choices) -> str:
+    if not isinstance(v, str) or v not in choices:
+        raise ConfigError(path, f"must be one of {', '.join(choices)}, not {v!r}")
+    return v
+
+
+def _ae(v, path) -> str:
+    v = _str(v, path, empty=False).strip()
+    if not _AE_RE.match(v):
+        raise ConfigError(path, "must be an AE title: 1-16 printable ASCII characters without backslash")
+    return v
+
+
+def _mapping(v, path, keys, required=()) -> dict:
+    if not isinstance(v, dict):
+        raise ConfigError(path, "must be a mapping")
+    for k in v:
+        if k not in keys:
+            raise ConfigError(f"{path}.{k}", f"unknown key (known here: {', '.join(keys)})")
+    for k in required:
+        if k not in v:
+            raise ConfigError(f"{path}.{k}", "is required")
+    return v
+
+
+def _list_of(v, path) -> list:
+    return list(v) if isinstance(v, list) else [v]
+
+
+def transfer_syntax(name, path) -> UID:
+    """A transfer syntax given by pydicom name (or NNCodecLossless/NNCodecLossy) or by UID."""
+    import dicom_nncodec
+    import pydicom.uid as U
+    if not isinstance(name, str) or not name:
+        raise ConfigError(path, f"must be a transfer syntax name or UID, not {name!r}")
+    if name in ("NNCodecLossless", "NNCodecLossy"):
+        return getattr(dicom_nncodec, name)
+    if _UID_RE.match(name):
+        uid = UID(name)
+    else:
+        uid = getattr(U, name, None)
+        if not isinstance(uid, UID):
+            raise ConfigError(path, f"unknown transfer syntax name {name!r}")
+    if not (uid.is_transfer_syntax or uid in (dicom_nncodec.NNCodecLossless, dicom_nncodec.NNCodecLossy)):
+        raise ConfigError(path, f"{name!r} is not a transfer syntax")
+    return uid
+
+
+def sop_class(name, path) -> str:
+    import pynetdicom.sop_class as S
+    if not isinstance(name, str) or not name:
+        raise ConfigError(path, f"must be a SOP Class UID or name, not {name!r}")
+    if _UID_RE.match(name):
+        return name
+    uid = getattr(S, name, None)
+    if not isinstance(uid, str):
+        raise ConfigError(path, f"unknown SOP Class name {name!r}")
+    return str(uid)
+
+
+def _bits_ranges(v, path) -> tuple[tuple[int, int], ...]:
+    out = []
+    for i, item in enumerate(_list_of(v, path)):
+        p = f"{path}[{i}]" if isinstance(v, list) else path
+        if isinstance(item, str) and re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", item):
+            lo, hi = (int(x) for x in item.split("-"))
+            if lo > hi:
+                raise ConfigError(p, f"range {item!r} is empty")
+            out.append((lo, hi))
+        else:
+            n = _int(item, p, 1, 64)
+            out.append((n, n))
+    return tuple(out)
+
+
+def _rule(v, path) -> Rule:
+    v = _mapping(v, path, ("name", "match", "action"), required=("action",))
+    name = _str(v.get("name", ""), f"{path}.name")
+    match_in = _mapping(v.get("match") or {}, f"{path}.match", MATCH_KEYS)
+    match: dict[str, Any] = {}
+    for key, value in match_in.items():
+        p = f"{path}.match.{key}"
+        if key == "received_lossy":
+            match[key] = _bool(value, p)
+        elif key == "bits_stored":
+            match[key] = _bits_ranges(value, p)
+        elif key == "sop_class":
+            match[key] = tuple(sop_class(s, p) for s in _list_of(value, p))
+        else:
+            vals = tuple(_str(s, p, empty=False).strip() for s in _list_of(value, p))
+            if key in ("modality", "photometric"):
+                vals = tuple(s.upper() for s in vals)
+            match[key] = vals
+    action = v["action"]
+    p = f"{path}.action"
+    if isinstance(action, dict):
+        _mapping(action, p, ("max_error",), required=("max_error",))
+        return Rule(name or path, match, "max_error", _int(action["max_error"], f"{p}.max_error", 1, 255))
+    return Rule(name or path, match, _choice(action, p, ("lossless", "keep")))
+
+
+def _peer(v, path) -> Peer:
+    v = _mapping(v, path, ("name", "ae_title", "host", "port", "allow"), required=("ae_title", "host", "port"))
+    ae = _ae(v["ae_title"], f"{path}.ae_title")
+    allow = v.get("allow", list(SERVICES))
+    if not isinstance(allow, list):
+        raise ConfigError(f"{path}.allow", "must be a list of services")
+    for i, s in enumerate(allow):
+        _choice(s, f"{path}.allow[{i}]", SERVICES)
+    return Peer(_str(v.get("name", ae), f"{path}.name") or ae, ae, _str(v["host"], f"{path}.host", empty=False),
+                _int(v["port"], f"{path}.port", 1, 65535), frozenset(allow))
+
+
+def build(d: dict, source: str) -> Config:
+    """A checked :class:`Config` from the merged mapping ``d``."""
+    st, ix, ac, co, rt, li, lg = (d["storage"], d["index"], d["access"], d["compression"], d["retrieve"],
+                                  d["limits"], d["logging"])
+    peers_in = d.get("peers") or []
+    if not isinstance(peers_in, list):
+        raise ConfigError("peers", "must be a list")
+    peers = tuple(_peer(p, f"peers[{i}]") for i, p in enumerate(peers_in))
+    seen: dict[str, int] = {}
+    for i, p in enumerate(peers):
+        if p.ae_title in seen:
+            raise ConfigError(f"peers[{i}].ae_title", f"{p.ae_title!r} is already used by peers[{seen[p.ae_title]}]")
+        seen[p.ae_title] = i
+    rules_in = co.get("rules") or []
+    if not isinstance(rules_in, list):
+        raise ConfigError("compression.rules", "must be a list")
+    syntaxes = rt.get("transfer_syntaxes")
+    if not isinstance(syntaxes, list) or not syntaxes:
+        raise ConfigError("retrieve.transfer_syntaxes", "must be a non-empty list")
+    from .transcode import PRODUCIBLE, NNCodecLossy
+    ts = []
+    for i, name in enumerate(syntaxes):
+        uid = transfer_syntax(name, f"retrieve.transfer_syntaxes[{i}]")
+        if uid not in PRODUCIBLE and uid != NNCodecLossy:
+            raise ConfigError(f"retrieve.transfer_syntaxes[{i}]",
+                              f"{name!r} cannot be produced losslessly by this node")
+        ts.append(uid)
+    device = _choice(co.get("device"), "compression.device", DEVICES)
+    storage_path = _str(st.get("path"), "storage.path", empty=False)
+    url = _str(ix.get("url"), "index.url")
+    if url:
+        try:
+            from sqlalchemy.engine import make_url
+            make_url(url)
+        except Exception as exc:
+            raise ConfigError("index.url", f"not an SQLAlchemy database URL ({exc})") from None
+    return Config(
+        ae_title=_ae(d["ae_title"], "ae_title"),
+        port=_int(d["port"], "port", 0, 65535),
+        bind=_str(d["bind"], "bind", empty=False),
+        storage_path=storage_path,
+        duplicates=_choice(st.get("duplicates"), "storage.duplicates", DUPLICATE_POLICIES),
+        fsync=_bool(st.get("fsync"), "storage.fsync"),
+        min_free_mb=_int(st.get("min_free_mb"), "storage.min_free_mb", 0),
+        index_url=url,
+        access={s: _choice(ac.get(s), f"access.{s}", ("any", "peers")) for s in SERVICES},
+        check_called_ae=_bool(ac.get("check_called_ae"), "access.check_called_ae"),
+        check_peer_host=_bool(ac.get("check_peer_host"), "access.check_peer_host"),
+        peers=peers,
+        device=device,
+        workers=_int(co.get("workers"), "compression.workers", 0, 64),
+        batch_size=_int(co.get("batch_size"), "compression.batch_size", 1, 4096),
+        poll_seconds=_num(co.get("poll_seconds"), "compression.poll_seconds", 0.01),
+        rules=tuple(_rule(r, f"compression.rules[{i}]") for i, r in enumerate(rules_in)),
+        retrieve_syntaxes=tuple(ts),
+        max_associations=_int(li.get("max_associations"), "limits.max_associations", 1, 1000),
+        max_pdu_size=_int(li.get("max_pdu_size"), "limits.max_pdu_size", 0),
+        acse_timeout=_num(li.get("acse_timeout"), "limits.acse_timeout", 0.1, allow_none=True),
+        dimse_timeout=_num(li.get("dimse_timeout"), "limits.dimse_timeout", 0.1, allow_none=True),
+        network_timeout=_num(li.get("network_timeout"), "limits.network_timeout", 0.1, allow_none=True),
+        max_find_results=_int(li.get("max_find_results"), "limits.max_find_results", 0),
+        shutdown_grace_seconds=_num(li.get("shutdown_grace_seconds"), "limits.shutdown_grace_seconds", 0),
+        log_level=_choice(str(lg.get("level")).upper(), "logging.level", LOG_LEVELS),
+        log_file=_str(lg.get("file"), "logging.file"),
+        pynetdicom_log_level=_choice(str(lg.get("pynetdicom_level")).upper(), "logging.pynetdicom_level", LOG_LEVELS),
+        source=source,
+    )
+
+
+def resolved_index_url(cfg: Config) -> str:
+    if cfg.index_url:
+        return cfg.index_url
+    return "sqlite:///" + os.path.join(os.path.abspath(cfg.storage_path), "index.sqlite")
+
+
+# --- the access policy -----------------------------------------------------------------------------
+
+def allowed(cfg: Config, calling_ae: str, service: str, address: str | None = None) -> bool:
+    """Orthanc's rule: a listed peer may use the services in its ``allow`` list;
+    anyone else those set to ``any`` under ``access``."""
+    peer = cfg.peer_by_ae(calling_ae)
+    if peer is not None and cfg.check_peer_host and address is not None and not _host_matches(peer.host, address):
+        peer = None
+    if peer is not None:
+        return service in peer.allow
+    return cfg.access[service] == "any"
+
+
+def _host_matches(host: str, address: str) -> bool:
+    if host == address:
+        return True
+    import socket
+    try:
+        return address in {ai[4][0] for ai in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+
+
+def text_matches(patterns: tuple[str, ...], value: str) -> bool:
+    """Rule matching of text values: any pattern, * and ? wildcards."""
+    return any(fnmatch.fnmatchcase(value, p) for p in patterns)

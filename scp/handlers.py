@@ -1,0 +1,219 @@
+"""pynetdicom event handlers: one short function per event, each delegating to a service.
+
+Why thin: query logic lives in query.py, file layout in storage.py, codec
+calls in compressor.py and transcode.py; a handler only translates between
+pynetdicom's event/generator protocol and those services, and logs.  At INFO
+the log names AE titles, addresses, UIDs and counts, never patient data.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pynetdicom import build_context, evt
+from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
+                                  PatientRootQueryRetrieveInformationModelGet,
+                                  PatientRootQueryRetrieveInformationModelMove,
+                                  StudyRootQueryRetrieveInformationModelFind,
+                                  StudyRootQueryRetrieveInformationModelGet,
+                                  StudyRootQueryRetrieveInformationModelMove, Verification)
+
+import dicom_nncodec
+
+from . import config as C
+from . import query
+from .index import Index
+from .ingest import NOT_AUTHORISED, Ingest, Received
+from .retrieve import Retrieval, accepted_syntaxes
+
+log = logging.getLogger("scp.association")
+
+ROOT = {
+    PatientRootQueryRetrieveInformationModelFind: "patient", StudyRootQueryRetrieveInformationModelFind: "study",
+    PatientRootQueryRetrieveInformationModelGet: "patient", StudyRootQueryRetrieveInformationModelGet: "study",
+    PatientRootQueryRetrieveInformationModelMove: "patient", StudyRootQueryRetrieveInformationModelMove: "study",
+}
+SERVICE_OF = {
+    PatientRootQueryRetrieveInformationModelFind: "find", StudyRootQueryRetrieveInformationModelFind: "find",
+    PatientRootQueryRetrieveInformationModelGet: "get", StudyRootQueryRetrieveInformationModelGet: "get",
+    PatientRootQueryRetrieveInformationModelMove: "move", StudyRootQueryRetrieveInformationModelMove: "move",
+    Verification: "echo",
+}
+IDENTIFIER_MISMATCH = 0xA900
+
+
+@dataclass
+class Services:
+    cfg: C.Config
+    index: Index
+    ingest: Ingest
+    retrieval: Retrieval
+    counters: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, assoc, what: str, n: int = 1) -> None:
+        with self.lock:
+            c = self.counters.setdefault(id(assoc), {"since": time.monotonic()})
+            c[what] = c.get(what, 0) + n
+
+
+def _peer(assoc) -> str:
+    return f"{assoc.requestor.ae_title.strip()}@{assoc.requestor.address}:{assoc.requestor.port}"
+
+
+# --- association events --------------------------------------------------------------------------------
+
+def on_requested(event, services: Services) -> None:
+    """Offer a caller only the services it may use (access policy); reject one allowed nothing."""
+    assoc = event.assoc
+    calling = str(assoc.requestor.primitive.calling_ae_title).strip()   # requestor.ae_title is set only later
+    address = assoc.requestor.address
+    allowed = {s for s in C.SERVICES if C.allowed(services.cfg, calling, s, address)}
+    keep = []
+    for cx in assoc.acceptor.supported_contexts:
+        service = SERVICE_OF.get(cx.abstract_syntax)
+        if service is None:      # a storage SOP class: also needed by a C-GET requestor for its sub-operations
+            service_ok = "store" in allowed or "get" in allowed
+        else:
+            service_ok = service in allowed
+        if service_ok:
+            keep.append(cx)
+    if not allowed:
+        log.warning("association from %s@%s rejected: calling AE title not allowed any service", calling, address)
+        assoc.acse.send_reject(0x01, 0x01, 0x03)     # rejected-permanent, service-user, calling AE not recognised
+        assoc.kill()
+        return
+    assoc.acceptor.supported_contexts = keep
+
+
+def on_accepted(event, services: Services) -> None:
+    dicom_nncodec.fix_association(event)
+    services.count(event.assoc, "contexts", len(event.assoc.accepted_contexts))
+
+
+def on_closed(event, services: Services) -> None:
+    with services.lock:
+        c = services.counters.pop(id(event.assoc), None)
+    if c is None:
+        return
+    how = "released" if event.event == evt.EVT_RELEASED else "aborted"
+    seconds = time.monotonic() - c.pop("since")
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+    log.info("association with %s %s after %.1f s (%s)", _peer(event.assoc), how, seconds, parts)
+
+
+def on_rejected(event, services: Services) -> None:
+    log.info("association from %s rejected", _peer(event.assoc))
+
+
+# --- DIMSE services ------------------------------------------------------------------------------------
+
+def handle_echo(event, services: Services) -> int:
+    services.count(event.assoc, "echo")
+    return 0x0000
+
+
+def handle_store(event, services: Services) -> int:
+    calling = event.assoc.requestor.ae_title.strip()
+    if not C.allowed(services.cfg, calling, "store", event.assoc.requestor.address):
+        log.warning("C-STORE from %s refused: not allowed to store", _peer(event.assoc))
+        return NOT_AUTHORISED
+    req = event.request
+    status = services.ingest.store(Received(event.encoded_dataset(include_meta=False), event.context.transfer_syntax,
+                                            req.AffectedSOPClassUID, req.AffectedSOPInstanceUID, calling))
+    services.count(event.assoc, "stored" if status == 0 else "store-failed")
+    return status
+
+
+def handle_find(event, services: Services):
+    root = ROOT[event.request.AffectedSOPClassUID]
+    limit = services.cfg.max_find_results
+    services.count(event.assoc, "find")
+    with services.index.session() as s:
+        try:
+            results = query.find(s, event.identifier, root, limit)
+            n = 0
+            for ds in results:
+                if event.is_cancelled:
+                    yield 0xFE00, None
+                    return
+                ds.RetrieveAETitle = services.cfg.ae_title
+                n += 1
+                yield 0xFF00, ds
+        except query.QueryError as exc:
+            log.warning("C-FIND from %s refused: %s", _peer(event.assoc), exc)
+            yield IDENTIFIER_MISMATCH, None
+            return
+    if limit and n >= limit:
+        log.warning("C-FIND from %s cut at %d results (limits.max_find_results)", _peer(event.assoc), limit)
+
+
+def handle_get(event, services: Services):
+    root = ROOT[event.request.AffectedSOPClassUID]
+    peer = _peer(event.assoc)
+    try:
+        items = services.retrieval.select(event.identifier, root)
+    except query.QueryError as exc:
+        log.warning("C-GET from %s refused: %s", peer, exc)
+        yield 1
+        yield IDENTIFIER_MISMATCH, None
+        return
+    log.info("C-GET from %s: %d instances", peer, len(items))
+    services.count(event.assoc, "get-instances", len(items))
+    yield len(items)
+    yield from services.retrieval.sub_operations(items, lambda sc: accepted_syntaxes(event.assoc, sc),
+                                                 lambda: event.is_cancelled, "C-GET", peer)
+
+
+def handle_move(event, services: Services):
+    root = ROOT[event.request.AffectedSOPClassUID]
+    peer = _peer(event.assoc)
+    destination = services.cfg.peer_by_ae(event.move_destination.decode("ascii", "replace")
+                                           if isinstance(event.move_destination, bytes) else event.move_destination)
+    if destination is None:
+        log.warning("C-MOVE from %s refused: unknown destination %r", peer, event.move_destination)
+        yield None, None
+        return
+    try:
+        items, error = services.retrieval.select(event.identifier, root), None
+    except query.QueryError as exc:
+        items, error = [], exc
+    sub: dict = {}
+
+    def on_sub_accepted(e):
+        dicom_nncodec.fix_association(e)
+        sub["assoc"] = e.assoc
+
+    # (with nothing to send, pynetdicom answers before associating; a refused identifier still
+    # associates once, so it needs one context)
+    contexts = services.retrieval.move_contexts(items) if items else [build_context(Verification)]
+    kwargs = {"contexts": contexts, "evt_handlers": [(evt.EVT_ACCEPTED, on_sub_accepted)]}
+    yield destination.host, destination.port, kwargs
+    if error is not None:
+        log.warning("C-MOVE from %s refused: %s", peer, error)
+        yield 1
+        yield IDENTIFIER_MISMATCH, None
+        return
+    dest_name = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    log.info("C-MOVE from %s to %s: %d instances", peer, dest_name, len(items))
+    services.count(event.assoc, "move-instances", len(items))
+    yield len(items)
+    yield from services.retrieval.sub_operations(items, lambda sc: accepted_syntaxes(sub["assoc"], sc),
+                                                 lambda: event.is_cancelled, "C-MOVE", dest_name)
+
+
+def bindings(services: Services) -> list:
+    return [
+        (evt.EVT_REQUESTED, on_requested, [services]),
+        (evt.EVT_ACCEPTED, on_accepted, [services]),
+        (evt.EVT_RELEASED, on_closed, [services]),
+        (evt.EVT_ABORTED, on_closed, [services]),
+        (evt.EVT_REJECTED, on_rejected, [services]),
+        (evt.EVT_C_ECHO, handle_echo, [services]),
+        (evt.EVT_C_STORE, handle_store, [services]),
+        (evt.EVT_C_FIND, handle_find, [services]),
+        (evt.EVT_C_GET, handle_get, [services]),
+        (evt.EVT_C_MOVE, handle_move, [services]),
+    ]

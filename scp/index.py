@@ -1,0 +1,483 @@
+"""The index: patients, studies, series and instances, the compression queue and the failure log.
+
+Why a database and not the file tree: C-FIND needs matching over four levels,
+the queue must survive restarts, and ingest, compression and retrieval run in
+different threads (one per association, plus the workers) and must see one
+consistent state.  Each call opens its own short session.  SQLite (the default)
+runs in WAL mode with a busy timeout, and writes are serialised by a lock in
+this process; PostgreSQL works through the same code.
+
+Every change that moves a stored file is one transaction guarded by the
+instance's ``generation`` counter: a compression result for a copy that was
+replaced meanwhile is thrown away instead of overwriting the newer copy.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import threading
+from dataclasses import dataclass
+
+from sqlalchemy import (BigInteger, ForeignKey, Integer, String, Text, create_engine, event, func, select,
+                        update)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+# Instance states
+PENDING = "pending"          # waiting in the compression queue
+COMPRESSED = "compressed"    # stored in a private syntax (by this node or by the sender)
+KEPT = "kept"                # stored as received, by a rule or because the codec cannot take it
+FAILED = "failed"            # compression failed; stored as received, reason recorded
+NOT_IMAGE = "not_image"      # no pixel data: nothing to compress
+
+# Queue states
+QUEUED = "queued"
+RUNNING = "running"
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    birth_date: Mapped[str] = mapped_column(String(16), default="")
+    sex: Mapped[str] = mapped_column(String(16), default="")
+    studies: Mapped[list["Study"]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_date: Mapped[str] = mapped_column(String(16), default="", index=True)
+    study_time: Mapped[str] = mapped_column(String(32), default="")
+    accession_number: Mapped[str] = mapped_column(String(64), default="", index=True)
+    study_id: Mapped[str] = mapped_column(String(64), default="")
+    study_description: Mapped[str] = mapped_column(String(256), default="")
+    referring_physician: Mapped[str] = mapped_column(String(324), default="")
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list["Series"]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(256), default="")
+    series_date: Mapped[str] = mapped_column(String(16), default="")
+    series_time: Mapped[str] = mapped_column(String(32), default="")
+    body_part: Mapped[str] = mapped_column(String(64), default="")
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list["Instance"]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    # the UID it arrived with, when near-lossless compression gave it a new one
+    original_sop_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64), default="")
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    path: Mapped[str] = mapped_column(String(256))
+    transfer_syntax: Mapped[str] = mapped_column(String(64))
+    received_transfer_syntax: Mapped[str] = mapped_column(String(64))
+    received_bytes: Mapped[int] = mapped_column(BigInteger)
+    stored_bytes: Mapped[int] = mapped_column(BigInteger)
+    rows: Mapped[int] = mapped_column(Integer, default=0)
+    columns: Mapped[int] = mapped_column(Integer, default=0)
+    frames: Mapped[int] = mapped_column(Integer, default=0)
+    bits_stored: Mapped[int] = mapped_column(Integer, default=0)
+    photometric: Mapped[str] = mapped_column(String(32), default="")
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    received_at: Mapped[_dt.datetime] = mapped_column(default=_now)
+    state: Mapped[str] = mapped_column(String(16), default=PENDING, index=True)
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    # top-level attributes (no pixel data, bulk data or sequences) as DICOM JSON, for C-FIND return keys
+    header: Mapped[str] = mapped_column(Text, default="{}")
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class QueueItem(Base):
+    __tablename__ = "compression_queue"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instance.id", ondelete="CASCADE"), unique=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default=QUEUED, index=True)
+    enqueued_at: Mapped[_dt.datetime] = mapped_column(default=_now)
+    started_at: Mapped[_dt.datetime | None] = mapped_column(nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Failure(Base):
+    __tablename__ = "failure"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[_dt.datetime] = mapped_column(default=_now, index=True)
+    stage: Mapped[str] = mapped_column(String(16))        # store, compress, retrieve
+    sop_uid: Mapped[str] = mapped_column(String(64), default="")
+    reason: Mapped[str] = mapped_column(Text)
+
+
+@dataclass
+class InstanceFacts:
+    """What the index keeps of one received instance (values already decoded to text)."""
+    patient_id: str
+    patient_name: str
+    birth_date: str
+    sex: str
+    study_uid: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_id: str
+    study_description: str
+    referring_physician: str
+    series_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    series_date: str
+    series_time: str
+    body_part: str
+    sop_uid: str
+    sop_class_uid: str
+    instance_number: int | None
+    rows: int
+    columns: int
+    frames: int
+    bits_stored: int
+    photometric: str
+    transfer_syntax: str
+    is_image: bool
+    header: str
+
+
+@dataclass
+class IngestResult:
+    outcome: str            # stored, replaced, kept_existing, rejected
+    instance_id: int
+    superseded_path: str | None = None
+    queued: bool = False
+
+
+@dataclass
+class Job:
+    """One claimed queue item with what the rules and the worker need."""
+    queue_id: int
+    instance_id: int
+    generation: int
+    path: str
+    sop_uid: str
+    sop_class_uid: str
+    modality: str
+    calling_ae: str
+    bits_stored: int
+    photometric: str
+    transfer_syntax: str
+    received_transfer_syntax: str
+
+
+def _to_int(v) -> int | None:
+    try:
+        return int(str(v).strip())
+    except (TypeError, ValueError):
+        return None
+
+
+def _text(ds, keyword: str) -> str:
+    v = ds.get(keyword, "")
+    if v is None:
+        return ""
+    if hasattr(v, "__iter__") and not isinstance(v, (str, bytes)) and not hasattr(v, "family_name"):
+        return "\\".join(str(x) for x in v)
+    return str(v).strip()
+
+
+def normalise_date(v: str) -> str:
+    return v.replace(".", "").strip()
+
+
+def normalise_time(v: str) -> str:
+    return v.replace(":", "").strip()
+
+
+_SKIP_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ"}
+
+
+def header_json(ds) -> str:
+    """The instance's top-level attributes that a C-FIND may be asked to return."""
+    from pydicom.dataset import Dataset
+    small = Dataset()
+    for elem in ds:
+        if elem.tag.group in (0x0002, 0x7FE0) or elem.VR in _SKIP_VRS or elem.tag.is_private:
+            continue
+        try:
+            if len(str(elem.value)) > 1024:
+                continue
+        except Exception:
+            continue
+        small.add(elem)
+    try:
+        return json.dumps(small.to_json_dict())
+    except Exception:
+        return "{}"
+
+
+def facts_from_dataset(ds, transfer_syntax: str) -> InstanceFacts:
+    """Index facts from a dataset read without its pixel data (an image is what has Rows and Columns)."""
+    image = "Rows" in ds and "Columns" in ds
+    return InstanceFacts(
+        patient_id=_text(ds, "PatientID"), patient_name=_text(ds, "PatientName"),
+        birth_date=normalise_date(_text(ds, "PatientBirthDate")), sex=_text(ds, "PatientSex"),
+        study_uid=_text(ds, "StudyInstanceUID"), study_date=normalise_date(_text(ds, "StudyDate")),
+        study_time=normalise_time(_text(ds, "StudyTime")), accession_number=_text(ds, "AccessionNumber"),
+        study_id=_text(ds, "StudyID"), study_description=_text(ds, "StudyDescription"),
+        referring_physician=_text(ds, "ReferringPhysicianName"),
+        series_uid=_text(ds, "SeriesInstanceUID"), modality=_text(ds, "Modality").upper(),
+        series_number=_to_int(ds.get("SeriesNumber")), series_description=_text(ds, "SeriesDescription"),
+        series_date=normalise_date(_text(ds, "SeriesDate")), series_time=normalise_time(_text(ds, "SeriesTime")),
+        body_part=_text(ds, "BodyPartExamined"),
+        sop_uid=_text(ds, "SOPInstanceUID"), sop_class_uid=_text(ds, "SOPClassUID"),
+        instance_number=_to_int(ds.get("InstanceNumber")),
+        rows=_to_int(ds.get("Rows")) or 0, columns=_to_int(ds.get("Columns")) or 0,
+        frames=_to_int(ds.get("NumberOfFrames", 1)) or 1,
+        bits_stored=_to_int(ds.get("BitsStored", ds.get("BitsAllocated", 0))) or 0,
+        photometric=_text(ds, "PhotometricInterpretation").upper(),
+        transfer_syntax=str(transfer_syntax), is_image=image, header=header_json(ds))
+
+
+class Index:
+    def __init__(self, url: str):
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        kwargs: dict = {}
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 60}
+        else:
+            kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
+        self.engine = create_engine(url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite allows one writer; serialising writes here avoids "database is locked" on upgrade.
+        self._write_lock = threading.RLock() if self.is_sqlite else None
+
+    # --- plumbing ---------------------------------------------------------------------------------
+
+    def create(self) -> None:
+        Base.metadata.create_all(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def session(self) -> Session:
+        """A read session (callers close it; ``with index.session() as s``)."""
+        return self._session()
+
+    @contextlib.contextmanager
+    def writing(self):
+        """A session whose work is committed as one transaction (rolled back on error)."""
+        lock = self._write_lock or contextlib.nullcontext()
+        with lock, self._session() as s:
+            try:
+                yield s
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+
+    # --- ingest -----------------------------------------------------------------------------------
+
+    def existing(self, sop_uid: str) -> Instance | None:
+        with self.session() as s:
+            return s.scalars(select(Instance).where(
+                (Instance.sop_uid == sop_uid) | (Instance.original_sop_uid == sop_uid))).first()
+
+    def add(self, f: InstanceFacts, path: str, size: int, calling_ae: str, policy: str,
+            state: str) -> IngestResult:
+        """Record a durably written file.  ``policy`` decides about a second copy of a SOP Instance UID;
+        ``state`` is PENDING (queue it), COMPRESSED, KEPT or NOT_IMAGE."""
+        for attempt in range(3):
+            try:
+                with self.writing() as s:
+                    return self._add(s, f, path, size, calling_ae, policy, state)
+            except IntegrityError:   # a concurrent insert of the same patient/study/series (PostgreSQL)
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _add(self, s: Session, f: InstanceFacts, path, size, calling_ae, policy, state) -> IngestResult:
+        inst = s.scalars(select(Instance).where(
+            (Instance.sop_uid == f.sop_uid) | (Instance.original_sop_uid == f.sop_uid))).first()
+        if inst is not None and policy != "replace":
+            return IngestResult("kept_existing" if policy == "keep" else "rejected", inst.id)
+        patient = s.scalars(select(Patient).where(Patient.patient_id == f.patient_id)).first()
+        if patient is None:
+            patient = Patient(patient_id=f.patient_id)
+            s.add(patient)
+        patient.patient_name, patient.birth_date, patient.sex = f.patient_name, f.birth_date, f.sex
+        study = s.scalars(select(Study).where(Study.study_uid == f.study_uid)).first()
+        if study is None:
+            study = Study(study_uid=f.study_uid, patient=patient)
+            s.add(study)
+        study.study_date, study.study_time = f.study_date, f.study_time
+        study.accession_number, study.study_id = f.accession_number, f.study_id
+        study.study_description, study.referring_physician = f.study_description, f.referring_physician
+        series = s.scalars(select(Series).where(Series.series_uid == f.series_uid)).first()
+        if series is None:
+            series = Series(series_uid=f.series_uid, study=study)
+            s.add(series)
+        series.modality, series.series_number = f.modality, f.series_number
+        series.series_description, series.series_date = f.series_description, f.series_date
+        series.series_time, series.body_part = f.series_time, f.body_part
+        outcome, superseded = "stored", None
+        if inst is None:
+            inst = Instance(sop_uid=f.sop_uid, generation=1, path=path)
+            s.add(inst)
+        else:
+            outcome, superseded = "replaced", inst.path
+            inst.generation = inst.generation + 1
+            inst.sop_uid, inst.original_sop_uid = f.sop_uid, ""
+        inst.series = series
+        inst.path = path
+        inst.sop_class_uid, inst.instance_number = f.sop_class_uid, f.instance_number
+        inst.transfer_syntax = inst.received_transfer_syntax = f.transfer_syntax
+        inst.received_bytes = inst.stored_bytes = size
+        inst.rows, inst.columns, inst.frames = f.rows, f.columns, f.frames
+        inst.bits_stored, inst.photometric = f.bits_stored, f.photometric
+        inst.calling_ae, inst.received_at = calling_ae, _now()
+        inst.state, inst.state_reason, inst.header = state, "", f.header
+        s.flush()
+        queued = state == PENDING
+        item = s.scalars(select(QueueItem).where(QueueItem.instance_pk == inst.id)).first()
+        if queued:
+            if item is None:
+                s.add(QueueItem(instance_pk=inst.id, generation=inst.generation))
+            else:
+                item.generation, item.state, item.started_at = inst.generation, QUEUED, None
+        elif item is not None:
+            s.delete(item)
+        return IngestResult(outcome, inst.id, superseded, queued)
+
+    # --- the compression queue -----------------------------------------------------------------------
+
+    def recover_queue(self) -> int:
+        """Items a stopped process was working on go back to the queue."""
+        with self.writing() as s:
+            return s.execute(update(QueueItem).where(QueueItem.state == RUNNING)
+                             .values(state=QUEUED, started_at=None)).rowcount
+
+    def claim(self) -> Job | None:
+        """Take the oldest queued item (marked running) or None."""
+        with self.writing() as s:
+            for _ in range(5):
+                row = s.execute(select(QueueItem, Instance).join(Instance, QueueItem.instance_pk == Instance.id)
+                                .where(QueueItem.state == QUEUED).order_by(QueueItem.id).limit(1)).first()
+                if row is None:
+                    return None
+                item, inst = row
+                # compare-and-set, so two processes sharing a PostgreSQL index never take the same item
+                n = s.execute(update(QueueItem).where(QueueItem.id == item.id, QueueItem.state == QUEUED)
+                              .values(state=RUNNING, started_at=_now(), attempts=QueueItem.attempts + 1)).rowcount
+                if n:
+                    series = s.get(Series, inst.series_pk)
+                    return Job(item.id, inst.id, item.generation, inst.path, inst.sop_uid, inst.sop_class_uid,
+                               series.modality if series else "", inst.calling_ae, inst.bits_stored,
+                               inst.photometric, inst.transfer_syntax, inst.received_transfer_syntax)
+            return None
+
+    def release(self, job: Job) -> None:
+        """Put a claimed item back (shutdown before it was done)."""
+        with self.writing() as s:
+            s.execute(update(QueueItem).where(QueueItem.id == job.queue_id, QueueItem.state == RUNNING)
+                      .values(state=QUEUED, started_at=None))
+
+    def _finish(self, s: Session, job: Job) -> Instance | None:
+        """The instance if ``job`` is still current (same generation); the queue item is removed
+        when it belongs to this generation."""
+        item = s.get(QueueItem, job.queue_id)
+        inst = s.get(Instance, job.instance_id)
+        if item is not None and item.generation == job.generation:
+            s.delete(item)       # (a newer copy re-queued the item under its own generation: leave that)
+        if inst is None or inst.generation != job.generation:
+            return None
+        return inst
+
+    def finish_compressed(self, job: Job, path: str, transfer_syntax: str, size: int,
+                          new_sop_uid: str | None, header: str | None) -> tuple[bool, str]:
+        """Switch the instance to its compressed file.  Returns (done, path to remove):
+        the old file when done, else the new one (the instance changed meanwhile)."""
+        with self.writing() as s:
+            inst = self._finish(s, job)
+            if inst is None:
+                return False, path
+            old = inst.path
+            inst.path, inst.transfer_syntax, inst.stored_bytes = path, transfer_syntax, size
+            inst.state, inst.state_reason = COMPRESSED, ""
+            inst.generation += 1
+            if new_sop_uid and new_sop_uid != inst.sop_uid:
+                inst.original_sop_uid, inst.sop_uid = inst.sop_uid, new_sop_uid
+            if header is not None:
+                inst.header = header
+            return True, old
+
+    def finish_unchanged(self, job: Job, state: str, reason: str) -> None:
+        """The instance stays as stored: KEPT (by rule or unsupported) or FAILED (reason logged)."""
+        with self.writing() as s:
+            inst = self._finish(s, job)
+            if inst is not None:
+                inst.state, inst.state_reason = state, reason[:2000]
+            if state == FAILED:
+                s.add(Failure(stage="compress", sop_uid=job.sop_uid, reason=reason[:2000]))
+
+    def queue_length(self) -> int:
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(QueueItem)) or 0
+
+    # --- failures and statistics ----------------------------------------------------------------------
+
+    def record_failure(self, stage: str, sop_uid: str, reason: str) -> None:
+        try:
+            with self.writing() as s:
+                s.add(Failure(stage=stage, sop_uid=(sop_uid or "")[:64], reason=reason[:2000]))
+        except Exception:   # the log line is already written; never fail the caller over this
+            pass
+
+    def stats(self) -> dict:
+        with self.session() as s:
+            n, rx, disk = s.execute(select(func.count(Instance.id), func.coalesce(func.sum(Instance.received_bytes), 0),
+                                           func.coalesce(func.sum(Instance.stored_bytes), 0))).one()
+            by_state = dict(s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all())
+            queue = dict(s.execute(select(QueueItem.state, func.count()).group_by(QueueItem.state)).all())
+            counts = {name: s.scalar(select(func.count()).select_from(model)) or 0
+                      for name, model in (("patients", Patient), ("studies", Study), ("series", Series))}
+            nfail = s.scalar(select(func.count()).select_from(Failure)) or 0
+            recent = s.execute(select(Failure.at, Failure.stage, Failure.sop_uid, Failure.reason)
+                               .order_by(Failure.id.desc()).limit(10)).all()
+        return {"instances": n, "received_bytes": int(rx), "stored_bytes": int(disk), "by_state": by_state,
+                "queue": queue, "failures": nfail, "recent_failures": recent, **counts}
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")       # an acknowledged instance is in the index after a power cut
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=60000")
+    cur.execute("PRAGMA case_sensitive_like=ON")  # DICOM wildcard matching is case-sensitive (PN aside)
+    cur.close()

@@ -1,0 +1,173 @@
+"""The node: configuration in, a running DICOM application entity out; start, stop, signals.
+
+Why a class and a function: ``Node(config).start()`` / ``.stop()`` runs the
+node inside another process (tests use a temporary folder and port 0), and
+``serve()`` is the foreground program behind ``dicom-nncodec serve`` that
+turns SIGINT/SIGTERM into a graceful stop: stop accepting associations, let
+running ones and the compression in progress finish (up to
+``limits.shutdown_grace_seconds``), then abort what is left; anything a
+worker had claimed but not finished goes back to the queue at the next start.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from pynetdicom import AE, AllStoragePresentationContexts, _config
+from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
+                                  PatientRootQueryRetrieveInformationModelGet,
+                                  PatientRootQueryRetrieveInformationModelMove,
+                                  StudyRootQueryRetrieveInformationModelFind,
+                                  StudyRootQueryRetrieveInformationModelGet,
+                                  StudyRootQueryRetrieveInformationModelMove, Verification)
+
+import dicom_nncodec
+
+from . import config as C
+from .compressor import Compressor
+from .handlers import Services, bindings
+from .index import Index
+from .ingest import Ingest
+from .retrieve import Retrieval
+from .storage import Storage
+from .transcode import storage_syntaxes
+
+log = logging.getLogger("scp.node")
+
+QR_MODELS = (PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
+             PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelFind,
+             StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove)
+
+
+def check_device(device: str) -> None:
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise C.ConfigError("compression.device", "cuda was asked for, but no CUDA device is available")
+
+
+def build_ae(cfg: C.Config) -> AE:
+    _config.LOG_REQUEST_IDENTIFIERS = False     # identifiers may hold patient data
+    ae = AE(ae_title=cfg.ae_title)
+    ae.implementation_class_uid = dicom_nncodec.IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = dicom_nncodec.IMPLEMENTATION_VERSION_NAME
+    ae.maximum_associations = cfg.max_associations
+    ae.maximum_pdu_size = cfg.max_pdu_size
+    ae.acse_timeout = cfg.acse_timeout
+    ae.dimse_timeout = cfg.dimse_timeout
+    ae.network_timeout = cfg.network_timeout
+    ae.require_called_aet = cfg.check_called_ae
+    syntaxes = storage_syntaxes(cfg.retrieve_syntaxes)
+    for cx in AllStoragePresentationContexts:
+        # scp_role: a C-GET requestor may act as Storage SCP on this association
+        ae.add_supported_context(cx.abstract_syntax, syntaxes, scp_role=True, scu_role=False)
+    ae.add_supported_context(Verification)
+    for model in QR_MODELS:
+        ae.add_supported_context(model)
+    return ae
+
+
+class Node:
+    def __init__(self, cfg: C.Config):
+        self.cfg = cfg
+        self.storage = Storage(cfg.storage_path, fsync=cfg.fsync)
+        self.index = Index(C.resolved_index_url(cfg))
+        self.compressor = Compressor(cfg, self.index, self.storage)
+        self.services = Services(cfg, self.index, Ingest(cfg, self.index, self.storage, self.compressor.wake),
+                                 Retrieval(cfg, self.index, self.storage))
+        self.ae: AE | None = None
+        self.server = None
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the real one when the configuration says 0)."""
+        return self.server.server_address[1] if self.server else self.cfg.port
+
+    def start(self) -> "Node":
+        check_device(self.cfg.device)
+        self.storage.prepare()
+        self.index.create()
+        recovered = self.index.recover_queue()
+        if recovered:
+            log.info("%d interrupted compressions put back in the queue", recovered)
+        self.compressor.start()
+        self.ae = build_ae(self.cfg)
+        try:
+            self.server = self.ae.start_server((self.cfg.bind, self.cfg.port), block=False,
+                                               evt_handlers=bindings(self.services))
+        except BaseException:
+            self.compressor.stop(0)
+            raise
+        log.info("node %s listening on %s:%d (storage %s, %d compression workers, device %s, queue %d)",
+                 self.cfg.ae_title, self.cfg.bind, self.port, os.path.abspath(self.cfg.storage_path),
+                 self.cfg.workers, self.cfg.device, self.index.queue_length())
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        grace = self.cfg.shutdown_grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
+        if self.server is not None:
+            server, self.server = self.server, None
+            running = server.active_associations
+            server.shutdown()          # no new associations from here on
+            for assoc in running:
+                assoc.join(max(0.0, deadline - time.monotonic()))
+            for assoc in running:
+                if assoc.is_alive():
+                    log.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
+                    assoc.abort()
+        if not self.compressor.stop(max(1.0, deadline - time.monotonic())):
+            log.warning("compression still running at shutdown: it goes back to the queue at the next start")
+        self.index.dispose()
+        log.info("node %s stopped", self.cfg.ae_title)
+
+    def __enter__(self) -> "Node":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def setup_logging(cfg: C.Config) -> None:
+    handler: logging.Handler = logging.FileHandler(cfg.log_file) if cfg.log_file else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(cfg.log_level)
+    logging.getLogger("pynetdicom").setLevel(cfg.pynetdicom_log_level)
+
+
+def serve(config_path: str | None) -> int:
+    """Run the node in the foreground until SIGINT/SIGTERM; 2 on a configuration error."""
+    try:
+        cfg = C.load(config_path)
+        check_device(cfg.device)
+    except C.ConfigError as exc:
+        print(f"dicom-nncodec: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg)
+    node = Node(cfg)
+    try:
+        node.start()
+    except OSError as exc:
+        print(f"dicom-nncodec: cannot start: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        node.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return 0

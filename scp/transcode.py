@@ -1,0 +1,151 @@
+"""Choosing the transfer syntax an instance is sent in, and producing it.
+
+Why: pynetdicom never transcodes pixel data, and a peer that does not know
+the private syntaxes must still get every stored instance.  The rule
+(PS3.2's "SUPPORTED" transcoding: same SOP Instance UID): a receiver that
+accepted the stored syntax gets the stored encoding as it is; otherwise the
+pixels are decoded and re-encoded in the first syntax of the configured
+preference that it accepted.  Every target here is lossless, so a receiver
+gets exactly the stored pixels.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Iterable
+
+import numpy as np
+import pydicom.uid as U
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+import dicom_nncodec
+from dicom_nncodec import NNCodecLossless, NNCodecLossy
+
+log = logging.getLogger("scp.transcode")
+
+UNCOMPRESSED_LE = frozenset({U.ExplicitVRLittleEndian, U.ImplicitVRLittleEndian, U.DeflatedExplicitVRLittleEndian})
+ENCODED_BY_PYDICOM = frozenset({U.JPEGLSLossless, U.JPEG2000Lossless, U.RLELossless})
+# What this node can make from any stored instance it can decode.
+PRODUCIBLE = frozenset({NNCodecLossless}) | ENCODED_BY_PYDICOM | UNCOMPRESSED_LE
+
+# What the Storage SCP accepts, best first: the acceptor picks the first of these
+# that the sender proposed.  Lossless before lossy; compressed before uncompressed.
+ACCEPTED_FOR_STORAGE = (
+    NNCodecLossless, NNCodecLossy,
+    U.JPEGLSLossless, U.JPEG2000Lossless, U.HTJ2KLossless, U.HTJ2KLosslessRPCL, U.RLELossless,
+    U.JPEGLosslessSV1, U.JPEGLossless,
+    U.ExplicitVRLittleEndian, U.ImplicitVRLittleEndian, U.DeflatedExplicitVRLittleEndian, U.ExplicitVRBigEndian,
+    U.JPEGLSNearLossless, U.JPEG2000, U.HTJ2K, U.JPEGBaseline8Bit, U.JPEGExtended12Bit,
+)
+
+
+class TranscodeError(Exception):
+    """No accepted transfer syntax could be produced; the message says why."""
+
+
+def syntax(uid) -> UID:
+    """The UID object that carries its encoding (registered private syntaxes included)."""
+    return dicom_nncodec.syntax.registered(uid) or UID(str(uid))
+
+
+def storage_syntaxes(preference: Iterable[UID]) -> list[UID]:
+    """The Storage SCP's list: the private ones, then the retrieve preference (which also orders the
+    syntaxes chosen for C-GET sub-operations on the same contexts), then the rest."""
+    out: list[UID] = [NNCodecLossless, NNCodecLossy]
+    for uid in list(preference) + list(ACCEPTED_FOR_STORAGE):
+        if uid in ACCEPTED_FOR_STORAGE and uid not in out:
+            out.append(uid)
+    return out
+
+
+def proposals(stored: Iterable[str], preference: Iterable[UID]) -> list[UID]:
+    """The transfer syntaxes to propose for one SOP class on a C-MOVE sub-association: stored
+    syntaxes not in the preference first (sent as they are), then the preference, with
+    Implicit VR Little Endian always present (PS3.5 10.1)."""
+    stored = [syntax(s) for s in dict.fromkeys(stored)]
+    pref = [p for p in preference if p in PRODUCIBLE or p in stored]
+    out = [s for s in stored if s not in pref] + pref
+    if U.ImplicitVRLittleEndian not in out:
+        out.append(U.ImplicitVRLittleEndian)
+    return out
+
+
+def candidates(stored: str, accepted: set, preference: Iterable[UID]) -> list[UID]:
+    """Targets to try, in order: the stored syntax if accepted (also an uncompressed one that
+    pynetdicom converts itself), then each accepted producible syntax of the preference."""
+    stored = syntax(stored)
+    out: list[UID] = []
+    if stored in accepted:
+        out.append(stored)
+    elif stored in UNCOMPRESSED_LE and accepted & UNCOMPRESSED_LE:
+        out.append(stored)
+    for p in preference:
+        if p in accepted and p in PRODUCIBLE and p not in out:
+            out.append(p)
+    return out
+
+
+def decoded(ds: Dataset, device: str = "auto", batch_size: int = 8) -> Dataset:
+    """``ds`` (modified in place) with native little-endian pixel data, SOP Instance UID kept."""
+    dicom_nncodec.fix_transfer_syntax(ds)
+    ts = syntax(ds.file_meta.TransferSyntaxUID)
+    if dicom_nncodec.syntax.registered(ts) is not None:
+        return dicom_nncodec.decompress(ds, device=device, batch_size=batch_size)
+    if ts == U.ExplicitVRBigEndian:
+        return _big_to_little(ds)
+    if ts.is_compressed:
+        ds.decompress(generate_instance_uid=False)
+    return ds
+
+
+def _big_to_little(ds: Dataset) -> Dataset:
+    arr = ds.pixel_array
+    data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
+    if int(ds.get("SamplesPerPixel", 1)) > 1:
+        ds.PlanarConfiguration = 0
+    ds.PixelData = data + (b"\x00" if len(data) % 2 else b"")
+    ds.file_meta.TransferSyntaxUID = U.ExplicitVRLittleEndian
+    ds.set_original_encoding(False, True)
+    return ds
+
+
+def encode_as(native: Dataset, target: UID, device: str = "auto", batch_size: int = 8) -> Dataset:
+    """A copy of the natively encoded ``native`` in ``target`` (lossless; same SOP Instance UID)."""
+    out = copy.deepcopy(native)
+    if target in UNCOMPRESSED_LE:
+        # stays Explicit VR LE: pynetdicom converts to Implicit/Deflated when it encodes
+        # (relabelling the file meta would make send_c_store refuse the dataset)
+        return out
+    if target == NNCodecLossless:
+        return dicom_nncodec.compress(out, NNCodecLossless, device=device, batch_size=batch_size)
+    if target in ENCODED_BY_PYDICOM:
+        out.compress(target, generate_instance_uid=False)
+        return out
+    raise TranscodeError(f"cannot produce {target.name}")
+
+
+def for_receiver(ds: Dataset, accepted: set, preference: Iterable[UID], device: str = "auto",
+                 batch_size: int = 8) -> Dataset:
+    """``ds`` as read from storage, in the best syntax the receiver accepted."""
+    dicom_nncodec.fix_transfer_syntax(ds)
+    stored = syntax(ds.file_meta.TransferSyntaxUID)
+    targets = candidates(stored, accepted, preference)
+    if not targets:
+        names = ", ".join(sorted(UID(str(a)).name for a in accepted)) or "nothing"
+        raise TranscodeError(f"the receiver accepted {names} for this SOP class; none can be produced")
+    if targets[0] == stored:
+        return ds
+    try:
+        native = decoded(ds, device, batch_size)
+    except Exception as exc:
+        raise TranscodeError(f"cannot decode the stored {stored.name} pixel data: {exc}") from exc
+    reasons = []
+    for target in targets:
+        if target == stored:
+            continue
+        try:
+            return encode_as(native, target, device, batch_size)
+        except Exception as exc:   # an encoder that cannot take this image: try the next target
+            reasons.append(f"{target.name}: {exc}")
+    raise TranscodeError("; ".join(reasons))
