@@ -56,7 +56,13 @@ def _wrap_dataset_methods() -> None:
         lossy = ts == NNCodecLossy
         new_uid = lossy if generate_instance_uid is _UNSET else bool(generate_instance_uid)
         raw = len(self.PixelData) if arr is None and "PixelData" in self else (arr.nbytes if arr is not None else 0)
+        if arr is None and self.original_encoding[1] is False:
+            # pydicom hands big-endian frames of a dataset source to encoders unswapped; an array is swapped
+            from pydicom.pixels import pixel_array
+            arr = pixel_array(self, raw=True)
         original_compress(self, ts, arr, encoding_plugin, encapsulate_ext, generate_instance_uid=False, **kwargs)
+        if int(self.get("SamplesPerPixel", 1)) > 1:
+            self.PlanarConfiguration = 0      # frames are always coded colour-by-pixel
         if lossy:
             from pydicom.encaps import generate_frames
             nframes = int(self.get("NumberOfFrames", 1) or 1)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import bitstream as B
-from .entropy import StepDecoder, StepEncoder
+from .entropy import SCALE_ADJUST_BITS, SCALE_ADJUST_ZERO, StepDecoder, StepEncoder
 from .errors import BitstreamError, NNCodecError, UnsupportedPixelData
 from .models import pyramid as P
 from .models.context_model import PyramidRun
@@ -105,7 +105,10 @@ class _PlaneBatch:
             else:
                 rec = xo
             for i, c in enumerate(coders):
-                c.encode_residuals(r[i], j[i], f[i], int(self.bits[i]))
+                b = int(self.bits[i])
+                d = self.model.tables.choose_adjustment(r[i], j[i], f[i], b) if len(r[i]) else 0
+                c.encode_uniform(np.array([d + SCALE_ADJUST_ZERO]), SCALE_ADJUST_BITS)
+                c.encode_residuals(r[i], np.clip(j[i] + d, 0, P.NUM_SCALES - 1), f[i], b)
             out = torch.minimum(pred.rounded_loc.clamp_min(0), maxv).clone()
             out[:, sel[0], sel[1]] = torch.as_tensor(rec, device=self.dev)
             return out
@@ -125,8 +128,10 @@ class _PlaneBatch:
         def code_step(phase, level, pred, mask):
             sel = mask.nonzero(as_tuple=True)
             loc, j, f = self._residual_params(pred, sel)
-            r = np.stack([c.decode_residuals(j[i], f[i], int(self.bits[i])) for i, c in enumerate(coders)]) \
-                if len(sel[0]) else np.zeros_like(loc)
+            r = np.zeros_like(loc)
+            for i, c in enumerate(coders):
+                d = int(c.decode_uniform(1, SCALE_ADJUST_BITS)[0]) - SCALE_ADJUST_ZERO
+                r[i] = c.decode_residuals(np.clip(j[i] + d, 0, P.NUM_SCALES - 1), f[i], int(self.bits[i]))
             rec = loc + r * step
             rec = np.clip(rec, 0, ((1 << self.bits) - 1)[:, None])
             out = torch.minimum(pred.rounded_loc.clamp_min(0), maxv).clone()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pydicom
+import pydicom.multival
 import pydicom.pixels
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
@@ -43,17 +44,23 @@ def frames_of(ds: Dataset) -> list[np.ndarray]:
     return list(arr)
 
 
+def values(ds: Dataset, keyword: str) -> list[str]:
+    """All values of a multi-valued attribute as strings ([] when absent); pydicom gives VM 1 as a scalar."""
+    if keyword not in ds or ds[keyword].value in (None, ""):
+        return []
+    v = ds[keyword].value
+    return [str(x) for x in v] if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else [str(v)]
+
+
 def apply_lossy_attributes(ds: Dataset, ratio: float, method: str = LOSSY_METHOD,
                            new_uid: bool = True) -> None:
     """PS3.3 C.7.6.1.1.5: "01" (never reset), ratio and method appended, Image Type DERIVED,
     new SOP Instance UID with the original referenced in Source Image Sequence."""
     ds.LossyImageCompression = "01"
-    ratios = list(ds.get("LossyImageCompressionRatio", []) or []) if "LossyImageCompressionRatio" in ds else []
-    methods = list(ds.get("LossyImageCompressionMethod", []) or []) if "LossyImageCompressionMethod" in ds else []
-    ds.LossyImageCompressionRatio = [f"{r}" for r in ratios] + [f"{ratio:.2f}"]
-    ds.LossyImageCompressionMethod = methods + [method]
+    ds.LossyImageCompressionRatio = values(ds, "LossyImageCompressionRatio") + [f"{ratio:.2f}"]
+    ds.LossyImageCompressionMethod = values(ds, "LossyImageCompressionMethod") + [method]
     if "ImageType" in ds:
-        it = list(ds.ImageType) if ds["ImageType"].VM > 1 else [str(ds.ImageType)]
+        it = values(ds, "ImageType") or ["DERIVED"]
         it[0] = "DERIVED"
         ds.ImageType = it
     else:
@@ -99,6 +106,18 @@ def compress(ds: Dataset, syntax=NNCodecLossless, *, max_error: int = 0, device=
     if max_error:
         apply_lossy_attributes(ds, raw / max(1, sum(map(len, encoded))))
     return ds
+
+
+def save(ds: Dataset, target) -> None:
+    """Write ``ds`` as a DICOM Part 10 file, also when it was read big-endian (pydicom's
+    ``save_as`` refuses to change endianness; the private syntaxes are little-endian)."""
+    if ds.original_encoding[1] is False:
+        if getattr(ds, "preamble", None) is None:
+            ds.preamble = b"\x00" * 128
+        pydicom.dcmwrite(target, ds, implicit_vr=ds.file_meta.TransferSyntaxUID.is_implicit_VR,
+                         little_endian=ds.file_meta.TransferSyntaxUID.is_little_endian, force_encoding=True)
+    else:
+        ds.save_as(target, enforce_file_format=True)
 
 
 def encoded_frames(ds: Dataset) -> list[bytes]:

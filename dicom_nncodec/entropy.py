@@ -54,6 +54,12 @@ def build_tables() -> tuple[np.ndarray, np.ndarray]:
     return np.array(offsets, dtype=np.int64), np.concatenate(freqs)
 
 
+SCALE_ADJUST_BITS = 6                      # per-step scale adjustment, sent as a 6-bit uniform symbol
+SCALE_ADJUST_ZERO = 1 << (SCALE_ADJUST_BITS - 1)
+_ADJUST_COARSE = (-24, -16, -10, -6, -3, 0, 3, 6, 10)
+ADJUST_SAMPLE = 1 << 14
+
+
 class TableSet:
     """The shipped tables, with constriction models built lazily (one per table used)."""
 
@@ -61,6 +67,36 @@ class TableSet:
         self.offsets, self.freqs = offsets, freqs
         self._models: dict[int, object] = {}
         self._uniform: dict[int, object] = {}
+        n = len(offsets) - 1
+        self.zmax_of = (np.diff(offsets) - 3) // 2
+        self.k_of = np.array([low_bits(t // QUARTERS) for t in range(n)], dtype=np.int64)
+        totals = np.add.reduceat(freqs.astype(np.float64), offsets[:-1])
+        self.cost = -np.log2(freqs / np.repeat(totals, np.diff(offsets)))  # encoder decisions only
+
+    def code_length(self, r: np.ndarray, t: np.ndarray, bits: int) -> float:
+        """Approximate bits to code residuals r under tables t (for the encoder's choices only)."""
+        k, zmax = self.k_of[t], self.zmax_of[t]
+        z = r >> k
+        esc = (z < -zmax) | (z > zmax)
+        sym = np.where(z < -zmax, 0, np.where(z > zmax, 2 * zmax + 2, z + zmax + 1))
+        c = self.cost[self.offsets[t] + sym] + np.where(esc, bits + 1, k)
+        return float(c.sum())
+
+    def choose_adjustment(self, r: np.ndarray, j: np.ndarray, f: np.ndarray, bits: int) -> int:
+        """The scale-index offset (sent once per step and plane) that codes this step's residuals
+        in the fewest bits: per-image adaptation at a cost of 6 bits per step."""
+        if len(r) > ADJUST_SAMPLE:
+            sel = np.linspace(0, len(r) - 1, ADJUST_SAMPLE).astype(np.int64)
+            r, j, f = r[sel], j[sel], f[sel]
+        lo, hi = -SCALE_ADJUST_ZERO, SCALE_ADJUST_ZERO - 1
+
+        def cost(d):
+            return self.code_length(r, np.clip(j + d, 0, P.NUM_SCALES - 1) * QUARTERS + f, bits)
+
+        best = min(_ADJUST_COARSE, key=cost)
+        for step in (2, 1):
+            best = min((d for d in (best - step, best, best + step) if lo <= d <= hi), key=cost)
+        return best
 
     def table(self, t: int):
         m = self._models.get(t)
@@ -83,6 +119,8 @@ class TableSet:
 
 def _groups(table_idx: np.ndarray):
     """Positions grouped by table, in a fixed order both sides can compute."""
+    if len(table_idx) == 0:
+        return
     order = np.argsort(table_idx, kind="stable")
     sorted_t = table_idx[order]
     cuts = np.flatnonzero(np.diff(sorted_t)) + 1

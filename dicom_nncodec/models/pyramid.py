@@ -27,7 +27,7 @@ import math
 import torch
 
 SCALES_PER_OCTAVE = 6
-SCALE_INDEX_OFFSET = 3 * SCALES_PER_OCTAVE          # index of logistic scale 1/8 ... 2**16
+SCALE_INDEX_OFFSET = 6 * SCALES_PER_OCTAVE          # index 0 is logistic scale 1/64; the last is 2**16
 NUM_SCALES = SCALE_INDEX_OFFSET + 16 * SCALES_PER_OCTAVE + 1
 FEATURE_FRAC = 3                                      # fractional bits of every input feature
 PHASES = ("D", "B", "C")

@@ -1,0 +1,188 @@
+"""The ``dicom-nncodec`` command: compress, decompress, info, verify, bench, train, serve, status."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+
+from . import files as F
+
+
+def _init_worker():
+    import torch
+    torch.set_num_threads(1)
+
+
+def _run_jobs(fn, pairs, workers: int, quiet: bool):
+    """Run ``fn`` over the file pairs, with a progress bar and one line per failure."""
+    from tqdm import tqdm
+
+    results = []
+    bar = tqdm(total=len(pairs), unit="file", disable=quiet or len(pairs) < 2 or not sys.stderr.isatty())
+    if workers > 1 and len(pairs) > 1:
+        with ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
+            for r in pool.map(fn, *zip(*pairs)):
+                results.append(r)
+                bar.update()
+                _report(r, quiet)
+    else:
+        for p in pairs:
+            r = fn(*p)
+            results.append(r)
+            bar.update()
+            _report(r, quiet)
+    bar.close()
+    failed = [r for r in results if r.status == "failed"]
+    done = [r for r in results if r.status == "ok"]
+    if not quiet and done and any(r.bytes_out for r in done):
+        bi, bo = sum(r.bytes_in for r in done), sum(r.bytes_out for r in done)
+        print(f"{len(done)} file(s): {bi} -> {bo} bytes (ratio {bi / max(1, bo):.2f}); "
+              f"{len(results) - len(done) - len(failed)} copied or skipped; {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def _report(r: F.Result, quiet: bool):
+    if r.status == "failed":
+        print(f"FAILED {r.path}: {r.message}", file=sys.stderr)
+    elif not quiet and r.status != "ok" and r.message:
+        print(f"{r.status} {r.path}: {r.message}", file=sys.stderr)
+
+
+def _workers(n: int) -> int:
+    return os.cpu_count() or 1 if n == 0 else max(1, n)
+
+
+def cmd_compress(a) -> int:
+    pairs = F.plan(a.paths, a.output)
+    return _run_jobs(partial(F.compress_file, max_error=a.max_error, device=a.device), pairs, _workers(a.jobs), a.quiet)
+
+
+def cmd_decompress(a) -> int:
+    pairs = F.plan(a.paths, a.output)
+    target = F.DECOMPRESS_TARGETS[a.transfer_syntax]
+    return _run_jobs(partial(F.decompress_file, target=target, device=a.device), pairs, _workers(a.jobs), a.quiet)
+
+
+def cmd_verify(a) -> int:
+    pairs = [(src,) for src, _ in F.plan(a.paths, None)]
+    fn = partial(F.verify_file, device=a.device)
+    results = [fn(*p) for p in pairs]
+    bad = 0
+    for r in results:
+        if r.status == "failed":
+            bad += 1
+            print(f"FAILED {r.path}: {r.message}")
+        elif not a.quiet:
+            print(f"{r.status.upper()} {r.path}: {r.message}")
+    return 1 if bad else 0
+
+
+def cmd_info(a) -> int:
+    rc = 0
+    for p in a.files:
+        try:
+            print(F.describe(__import__("pathlib").Path(p)))
+        except Exception as exc:
+            print(f"FAILED {p}: {exc}", file=sys.stderr)
+            rc = 1
+    return rc
+
+
+def cmd_train(a) -> int:
+    from .train.loop import TrainConfig, train
+
+    cfg = TrainConfig(roots=a.roots, out=a.out, model_id=a.model_id, hold_out=a.hold_out or [],
+                      use_lstm=not a.no_lstm, width=a.width, iterations=a.iterations, batch=a.batch, crop=a.crop,
+                      lr=a.lr, seed=a.seed, threads=a.threads, max_png=a.max_png)
+    path = train(cfg, resume=a.resume)
+    print(f"weights: {path}")
+    return 0
+
+
+def cmd_bench(a, rest) -> int:
+    from . import bench
+    return bench.main(rest)
+
+
+def cmd_serve(a) -> int:
+    from scp.node import serve
+    return serve(a.config)
+
+
+def cmd_status(a) -> int:
+    from scp.status import report
+    print(report(a.config))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dicom-nncodec", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, outputs=True):
+        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the network runs")
+        sp.add_argument("-q", "--quiet", action="store_true", help="print failures only")
+        if outputs:
+            sp.add_argument("-j", "--jobs", type=int, default=1, help="parallel worker processes (0: one per core)")
+
+    c = sub.add_parser("compress", help="compress DICOM files or folders (lossless by default)")
+    c.add_argument("paths", nargs="+")
+    c.add_argument("-o", "--output", required=True, help="output folder (mirrors the input tree), or file")
+    c.add_argument("--max-error", type=int, default=0,
+                   help="near-lossless: guaranteed maximum absolute error N (1..255), NNCodecLossy")
+    common(c)
+    d = sub.add_parser("decompress", help="decompress dicom-nncodec files to a standard transfer syntax")
+    d.add_argument("paths", nargs="+")
+    d.add_argument("-o", "--output", required=True)
+    d.add_argument("--transfer-syntax", "-t", default="explicit", choices=sorted(F.DECOMPRESS_TARGETS),
+                   help="target transfer syntax (default: Explicit VR Little Endian)")
+    common(d)
+    i = sub.add_parser("info", help="model, mode, sizes and ratio per frame")
+    i.add_argument("files", nargs="+")
+    v = sub.add_parser("verify", help="decode every frame and check its stored checksum")
+    v.add_argument("paths", nargs="+")
+    common(v, outputs=False)
+    sub.add_parser("bench", help="size and speed beside JPEG-LS, JPEG 2000, HTJ2K, JPEG-XL (see bench --help)",
+                   add_help=False)
+    t = sub.add_parser("train", help="train a lossless model from folders of DICOM files and PNGs")
+    t.add_argument("roots", nargs="+")
+    t.add_argument("--out", required=True, help="run folder: log, checkpoint, exported weights")
+    t.add_argument("--model-id", default="nnc-lossless-1")
+    t.add_argument("--hold-out", action="append", help="skip paths containing this text (repeatable)")
+    t.add_argument("--no-lstm", action="store_true", help="train the ablation without the ConvLSTM state")
+    t.add_argument("--width", type=int, default=16)
+    t.add_argument("--iterations", type=int, default=12000)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--crop", type=int, default=128)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=1)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--max-png", type=int, default=None, help="use at most this many PNGs per folder")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    s = sub.add_parser("serve", help="run the DICOM node")
+    s.add_argument("--config", help="YAML configuration (default: the embedded one)")
+    st = sub.add_parser("status", help="stored instances, bytes, queue and failures of a node")
+    st.add_argument("--config")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(None, argv[1:])
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return {"compress": cmd_compress, "decompress": cmd_decompress, "verify": cmd_verify, "info": cmd_info,
+                "train": cmd_train, "serve": cmd_serve, "status": cmd_status}[a.command](a)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"dicom-nncodec: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
