@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 import pydicom.pixels
-from pydicom import dcmread
+from pydicom import dcmread, dcmwrite   # dcmwrite, unlike save_as, re-encodes big endian input
 from pydicom.dataset import Dataset
 
 import dicom_nncodec
@@ -182,7 +182,7 @@ class Compressor:
         ds.file_meta.ImplementationClassUID = dicom_nncodec.IMPLEMENTATION_CLASS_UID
         ds.file_meta.ImplementationVersionName = dicom_nncodec.IMPLEMENTATION_VERSION_NAME
         try:
-            path, size = self.storage.write(lambda f: ds.save_as(f, enforce_file_format=True))
+            path, size = self.storage.write(lambda f: dcmwrite(f, ds, enforce_file_format=True))
         except Exception as exc:
             reason = f"cannot write the compressed file: {exc}"
             self.index.finish_unchanged(job, FAILED, reason)

@@ -25,7 +25,11 @@ def _size(n: int) -> str:
 def report(config_path: str | None) -> str:
     """The status text for the node configured by ``config_path`` (None: the default configuration).
     Raises :class:`scp.config.ConfigError` for a bad configuration."""
-    cfg = C.load(config_path)
+    return report_for(C.load(config_path))
+
+
+def report_for(cfg: C.Config) -> str:
+    """The status text for a loaded configuration."""
     url = C.resolved_index_url(cfg)
     shown_url = make_url(url).render_as_string(hide_password=True)
     lines = [f"node {cfg.ae_title} (port {cfg.port}, configuration {cfg.source})",

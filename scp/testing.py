@@ -91,3 +91,94 @@ class StorageSCP:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# --- a pynetdicom peer acting as SCU -------------------------------------------------------------------
+
+def send(port: int, datasets: Iterable[Dataset], calling_ae: str = "SCU", called_ae: str = "NNCODEC") -> list[int]:
+    """C-STORE each dataset (in its own transfer syntax) on one association; the statuses."""
+    datasets = list(datasets)
+    ae = AE(ae_title=calling_ae)
+    pairs = {}
+    for ds in datasets:
+        dicom_nncodec.fix_transfer_syntax(ds)
+        pairs.setdefault(ds.SOPClassUID, set()).add(ds.file_meta.TransferSyntaxUID)
+    for sop_class, syntaxes in pairs.items():
+        for ts in syntaxes:
+            ae.add_requested_context(sop_class, [ts])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    if not assoc.is_established:
+        raise ConnectionError("association not established")
+    try:
+        return [int(assoc.send_c_store(ds).get("Status", 0xFFFF)) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def find(port: int, identifier: Dataset, model, calling_ae: str = "SCU") -> tuple[int, list[Dataset]]:
+    """C-FIND: (final status, the pending responses' identifiers)."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", port, ae_title="NNCODEC")
+    if not assoc.is_established:
+        raise ConnectionError("association not established")
+    out, final = [], None
+    try:
+        for status, ident in assoc.send_c_find(identifier, model):
+            if status is not None and status.Status in (0xFF00, 0xFF01):
+                out.append(ident)
+            elif status is not None:
+                final = int(status.Status)
+    finally:
+        assoc.release()
+    return final, out
+
+
+def get(port: int, identifier: Dataset, model, sop_classes: Iterable[str], syntaxes: Iterable,
+        calling_ae: str = "SCU") -> tuple[Dataset, list[tuple[str, Dataset]]]:
+    """C-GET accepting ``syntaxes`` for ``sop_classes``: (final status dataset, [(syntax, dataset)])."""
+    from pynetdicom import build_role
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(model)
+    sop_classes = list(sop_classes)
+    for sc in sop_classes:
+        ae.add_requested_context(sc, list(syntaxes))
+    received: list[tuple[str, Dataset]] = []
+
+    def on_store(event):
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        dicom_nncodec.fix_transfer_syntax(ds)
+        received.append((str(event.context.transfer_syntax), ds))
+        return 0x0000
+
+    assoc = ae.associate("127.0.0.1", port, ae_title="NNCODEC",
+                         ext_neg=[build_role(sc, scp_role=True) for sc in sop_classes],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    if not assoc.is_established:
+        raise ConnectionError("association not established")
+    final = None
+    try:
+        for status, _ in assoc.send_c_get(identifier, model):
+            if status is not None and status.Status != 0xFF00:
+                final = status
+    finally:
+        assoc.release()
+    return final, received
+
+
+def move(port: int, identifier: Dataset, destination: str, model, calling_ae: str = "SCU") -> Dataset:
+    """C-MOVE to ``destination``; the final status dataset."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", port, ae_title="NNCODEC")
+    if not assoc.is_established:
+        raise ConnectionError("association not established")
+    final = None
+    try:
+        for status, _ in assoc.send_c_move(identifier, destination, model):
+            if status is not None and status.Status != 0xFF00:
+                final = status
+    finally:
+        assoc.release()
+    return final

@@ -1,0 +1,152 @@
+"""Background compression over real associations: the rules, verification, failures, restarts, status."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+import dicom_nncodec
+from scp import status
+from scp.index import COMPRESSED, FAILED, KEPT, Index, Instance
+from scp.node import Node
+from scp.testing import node_config, running_node, send
+
+LOSSLESS = str(dicom_nncodec.NNCodecLossless)
+LOSSY = str(dicom_nncodec.NNCodecLossy)
+
+
+def read(name):
+    ds = dcmread(get_testdata_file(name))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+        if keyword not in ds:
+            setattr(ds, keyword, generate_uid())
+    return ds
+
+
+def rows(node):
+    with node.index.session() as s:
+        return {i.original_sop_uid or i.sop_uid: i for i in s.query(Instance).all()}
+
+
+def stored(node, row):
+    return dcmread(node.storage.abspath(row.path))
+
+
+def test_default_rule_compresses_every_supported_image_bit_exactly(tmp_path):
+    lossless_in = ["CT_small.dcm", "emri_small.dcm", "SC_rgb.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                   "MR_small_RLE.dcm", "emri_small_jpeg_2k_lossless.dcm", "image_dfl.dcm", "MR_small_bigendian.dcm"]
+    lossy_in = ["SC_rgb_jpeg_dcmtk.dcm", "JPEG2000.dcm"]
+    unsupported = ["liver_1frame.dcm"]          # 1-bit segmentation
+    datasets = {n: read(n) for n in lossless_in + lossy_in + unsupported}
+    with running_node(tmp_path / "s") as node:
+        assert send(node.port, datasets.values()) == [0] * len(datasets)
+        assert node.compressor.wait_idle(120)
+        got = rows(node)
+        for name, ds in datasets.items():
+            row = got[ds.SOPInstanceUID]
+            on_disk = stored(node, row)
+            if name in lossless_in:
+                assert (row.state, row.transfer_syntax) == (COMPRESSED, LOSSLESS), (name, row.state_reason)
+                assert on_disk.file_meta.TransferSyntaxUID == LOSSLESS
+                assert on_disk.SOPInstanceUID == ds.SOPInstanceUID
+                assert np.array_equal(on_disk.pixel_array, ds.pixel_array), name
+                assert row.stored_bytes == (tmp_path / "s" / row.path).stat().st_size
+            else:
+                assert row.state == KEPT and row.transfer_syntax == row.received_transfer_syntax, name
+                assert on_disk.PixelData == ds.PixelData
+        assert "arrived lossy" in got[datasets["JPEG2000.dcm"].SOPInstanceUID].state_reason
+        assert "not supported" in got[datasets["liver_1frame.dcm"].SOPInstanceUID].state_reason
+        text = status.report_for(node.cfg)
+        assert f"compressed {len(lossless_in)}" in text and "kept 3" in text and "queue    0" in text
+
+
+def test_rules_keep_near_lossless_and_received_lossy(tmp_path):
+    rules = [{"match": {"modality": ["MR"]}, "action": "keep"},
+             {"match": {"modality": "CT", "calling_ae": "RESEARCH*"}, "action": {"max_error": 3}},
+             {"match": {"received_lossy": True, "photometric": "YBR_FULL"}, "action": "lossless"},
+             {"match": {"bits_stored": "1-16"}, "action": "lossless"}]
+    mr, ct, ct2, jpeg = read("MR_small.dcm"), read("CT_small.dcm"), read("CT_small.dcm"), read("SC_rgb_jpeg_dcmtk.dcm")
+    with running_node(tmp_path / "s", compression={"rules": rules}) as node:
+        assert send(node.port, [mr, ct2, jpeg]) == [0, 0, 0]
+        assert send(node.port, [ct], calling_ae="RESEARCH1") == [0]
+        assert node.compressor.wait_idle(120)
+        got = rows(node)
+        assert got[mr.SOPInstanceUID].state == KEPT and "kept by rule" in got[mr.SOPInstanceUID].state_reason
+        assert got[ct2.SOPInstanceUID].transfer_syntax == LOSSLESS          # not from RESEARCH*: last rule
+        assert got[jpeg.SOPInstanceUID].transfer_syntax == LOSSLESS         # received lossy, but a rule asks
+        assert np.array_equal(stored(node, got[jpeg.SOPInstanceUID]).pixel_array, jpeg.pixel_array)
+        row = got[ct.SOPInstanceUID]
+        assert row.transfer_syntax == LOSSY and row.sop_uid != ct.SOPInstanceUID
+        near = stored(node, row)
+        assert near.SOPInstanceUID == row.sop_uid and near.LossyImageCompression == "01"
+        assert near.SourceImageSequence[0].ReferencedSOPInstanceUID == ct.SOPInstanceUID
+        err = np.abs(near.pixel_array.astype(np.int64) - ct.pixel_array.astype(np.int64)).max()
+        assert 0 < err <= 3
+        # a second copy under the original UID is recognised as a duplicate of it
+        assert send(node.port, [ct], calling_ae="RESEARCH1") == [0]
+        assert len(rows(node)) == 4
+
+
+def test_a_result_that_fails_verification_keeps_the_original(tmp_path, monkeypatch):
+    real = dicom_nncodec.decompress
+
+    def corrupting(ds, **kw):
+        out = real(ds, **kw)
+        data = bytearray(out.PixelData)
+        data[10] ^= 0x01
+        out.PixelData = bytes(data)
+        return out
+
+    ct = read("CT_small.dcm")
+    with running_node(tmp_path / "s") as node:
+        monkeypatch.setattr(dicom_nncodec, "decompress", corrupting)
+        assert send(node.port, [ct]) == [0]
+        assert node.compressor.wait_idle(60)
+        row = rows(node)[ct.SOPInstanceUID]
+        assert row.state == FAILED and "differ" in row.state_reason
+        assert stored(node, row).PixelData == ct.PixelData
+        st = node.index.stats()
+        assert st["failures"] == 1 and st["recent_failures"][0].sop_uid == ct.SOPInstanceUID
+
+
+def test_bits_above_bits_stored_are_not_silently_dropped(tmp_path):
+    ds = read("emri_small.dcm")                 # Bits Stored 12 in 16
+    data = np.frombuffer(ds.PixelData, "<u2").copy()
+    data[0] |= 0x8000
+    ds.PixelData = data.tobytes()
+    with running_node(tmp_path / "s") as node:
+        assert send(node.port, [ds]) == [0]
+        assert node.compressor.wait_idle(60)
+        row = rows(node)[ds.SOPInstanceUID]
+        assert row.state == KEPT and "above Bits Stored" in row.state_reason
+        assert stored(node, row).PixelData == ds.PixelData
+
+
+def test_the_queue_survives_a_restart(tmp_path):
+    datasets = [read("CT_small.dcm"), read("MR_small.dcm"), read("SC_rgb.dcm")]
+    cfg = node_config(tmp_path / "s", compression={"workers": 0})
+    node = Node(cfg).start()
+    assert send(node.port, datasets) == [0, 0, 0]
+    node.index.claim()              # as if a worker was killed in the middle of an instance
+    node.stop()
+    idx = Index(f"sqlite:///{tmp_path / 's' / 'index.sqlite'}")
+    assert idx.stats()["queue"] == {"queued": 2, "running": 1}
+    idx.dispose()
+    with running_node(tmp_path / "s") as node:
+        assert node.compressor.wait_idle(60)
+        got = rows(node)
+        assert [got[d.SOPInstanceUID].state for d in datasets] == [COMPRESSED] * 3
+        for d in datasets:
+            assert np.array_equal(stored(node, got[d.SOPInstanceUID]).pixel_array, d.pixel_array)
+
+
+def test_stop_finishes_the_instance_in_progress(tmp_path):
+    datasets = [read("emri_small.dcm") for _ in range(4)]
+    with running_node(tmp_path / "s") as node:
+        assert send(node.port, datasets) == [0] * 4
+    st = Index(f"sqlite:///{tmp_path / 's' / 'index.sqlite'}").stats()
+    assert st["queue"].get("running", 0) == 0            # nothing left claimed
+    assert st["by_state"].get("compressed", 0) + st["queue"].get("queued", 0) == 4
