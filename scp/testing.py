@@ -136,7 +136,8 @@ def find(port: int, identifier: Dataset, model, calling_ae: str = "SCU") -> tupl
 
 def get(port: int, identifier: Dataset, model, sop_classes: Iterable[str], syntaxes: Iterable,
         calling_ae: str = "SCU") -> tuple[Dataset, list[tuple[str, Dataset]]]:
-    """C-GET accepting ``syntaxes`` for ``sop_classes``: (final status dataset, [(syntax, dataset)])."""
+    """C-GET accepting ``syntaxes`` for ``sop_classes``: (final status dataset, [(syntax, dataset)]).
+    The final status carries the Failed SOP Instance UID List when the response had one."""
     from pynetdicom import build_role
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(model)
@@ -159,12 +160,25 @@ def get(port: int, identifier: Dataset, model, sop_classes: Iterable[str], synta
         raise ConnectionError("association not established")
     final = None
     try:
-        for status, _ in assoc.send_c_get(identifier, model):
+        for status, ident in assoc.send_c_get(identifier, model):
             if status is not None and status.Status != 0xFF00:
-                final = status
+                final = _with_failed_list(status, ident)
     finally:
         assoc.release()
     return final, received
+
+
+def _with_failed_list(status: Dataset, identifier) -> Dataset:
+    """The final status, with the Failed SOP Instance UID List of its identifier copied in."""
+    if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
+        status.FailedSOPInstanceUIDList = identifier.FailedSOPInstanceUIDList
+    return status
+
+
+def failed_uids(status: Dataset) -> list[str]:
+    """The Failed SOP Instance UID List of a final status as a list (pydicom collapses one value)."""
+    v = status.get("FailedSOPInstanceUIDList", [])
+    return [str(v)] if isinstance(v, str) else [str(x) for x in v]
 
 
 def move(port: int, identifier: Dataset, destination: str, model, calling_ae: str = "SCU") -> Dataset:
@@ -176,9 +190,9 @@ def move(port: int, identifier: Dataset, destination: str, model, calling_ae: st
         raise ConnectionError("association not established")
     final = None
     try:
-        for status, _ in assoc.send_c_move(identifier, destination, model):
+        for status, ident in assoc.send_c_move(identifier, destination, model):
             if status is not None and status.Status != 0xFF00:
-                final = status
+                final = _with_failed_list(status, ident)
     finally:
         assoc.release()
     return final
