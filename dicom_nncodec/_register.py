@@ -53,6 +53,8 @@ def _wrap_dataset_methods() -> None:
                 kwargs["generate_instance_uid"] = generate_instance_uid
             return original_compress(self, transfer_syntax_uid, arr, encoding_plugin, encapsulate_ext, **kwargs)
         from .dataset import apply_lossy_attributes
+        from .pixels import PixelFormat
+        PixelFormat.from_dataset(self).validate()      # a clear refusal before pydicom touches the frames
         lossy = ts == NNCodecLossy
         new_uid = lossy if generate_instance_uid is _UNSET else bool(generate_instance_uid)
         raw = len(self.PixelData) if arr is None and "PixelData" in self else (arr.nbytes if arr is not None else 0)

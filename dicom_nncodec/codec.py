@@ -202,10 +202,14 @@ def check_matches(h: B.FrameHeader, fmt: PixelFormat | None) -> None:
 
 
 def decode_frames(datas: Iterable[bytes], fmt: PixelFormat | None = None, *, device="auto",
-                  batch_size: int = DEFAULT_BATCH) -> list[np.ndarray]:
-    """Decode frames; each result is checked against the CRC-32 stored at encoding time."""
+                  batch_size: int = DEFAULT_BATCH, lossless_only: bool = False) -> list[np.ndarray]:
+    """Decode frames; each result is checked against the CRC-32 stored at encoding time.
+
+    ``lossless_only``: refuse near-lossless frames (data labelled with the lossless syntax)."""
     dev = resolve_device(device)
     parsed = [B.unpack(d) for d in datas]
+    if lossless_only and any(h.mode != B.MODE_LOSSLESS for h, _ in parsed):
+        raise BitstreamError("a near-lossless frame is stored under the lossless transfer syntax")
     out: list[np.ndarray | None] = [None] * len(parsed)
     # batch frames that share geometry and model
     keys: dict[tuple, list[int]] = {}

@@ -129,7 +129,8 @@ def decompress(ds: Dataset, *, device="auto", batch_size: int = codec.DEFAULT_BA
     """Decompress a private-syntax dataset in place to Explicit VR Little Endian (UIDs kept)."""
     fix_transfer_syntax(ds)
     fmt = PixelFormat.from_dataset(ds)
-    frames = codec.decode_frames(encoded_frames(ds), fmt, device=device, batch_size=batch_size)
+    frames = codec.decode_frames(encoded_frames(ds), fmt, device=device, batch_size=batch_size,
+                                 lossless_only=ds.file_meta.TransferSyntaxUID == NNCodecLossless)
     data = b"".join(f.tobytes() for f in frames)
     if len(data) % 2:
         data += b"\x00"

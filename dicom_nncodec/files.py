@@ -154,7 +154,8 @@ def verify_file(src: Path, device: str = "auto") -> Result:
         frames = D.encoded_frames(ds)
         from . import codec
         from .pixels import PixelFormat
-        codec.decode_frames(frames, PixelFormat.from_dataset(ds), device=device)
+        codec.decode_frames(frames, PixelFormat.from_dataset(ds), device=device,
+                            lossless_only=ds.file_meta.TransferSyntaxUID == NNCodecLossless)
         return Result(str(src), "ok", f"{len(frames)} frame(s) verified")
     except Exception as exc:
         return Result(str(src), "failed", str(exc) if isinstance(exc, NNCodecError) else

@@ -16,8 +16,7 @@ import os
 import numpy as np
 
 from . import codec
-from .bitstream import read_header
-from .errors import BitstreamError, UnsupportedPixelData
+from .errors import UnsupportedPixelData
 from .pixels import PixelFormat
 from .syntax import PRIVATE_SYNTAXES, NNCodecLossless, NNCodecLossy
 
@@ -41,10 +40,8 @@ def _runner_format(runner) -> PixelFormat:
 
 def _decode_frame(src: bytes, runner) -> bytes:
     fmt = _runner_format(runner)
-    header = read_header(src)
-    if runner.transfer_syntax == NNCodecLossless and header.mode != 0:
-        raise BitstreamError("a near-lossless frame is stored under the lossless transfer syntax")
-    frame = codec.decode_frame(src, fmt, device=runner.get_option("device", default_device()))
+    frame = codec.decode_frame(src, fmt, device=runner.get_option("device", default_device()),
+                               lossless_only=runner.transfer_syntax == NNCodecLossless)
     if fmt.samples_per_pixel > 1:
         runner.set_option("planar_configuration", 0)
     return frame.tobytes()

@@ -113,5 +113,6 @@ class QConv(nn.Module):
         if add is not None:
             y = y + add
         if self.act == "leaky":
-            y = torch.where(y < 0, torch.floor(y * (1.0 / (1 << LEAKY_SHIFT))), y)
-        return y.clamp(-self.out_clamp, self.out_clamp)
+            # max(y, floor(y/8)) is y for y >= 0 and floor(y/8) for y < 0: one op, exact
+            y = torch.maximum(y, torch.floor(y * (1.0 / (1 << LEAKY_SHIFT))))
+        return y.clamp_(-self.out_clamp, self.out_clamp)

@@ -99,7 +99,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        acc.append(float(loss))
+        acc.append(float(loss.detach()))
         if (it + 1) % cfg.log_every == 0:
             line = {"iteration": it + 1, "bpp": float(np.mean(acc)), "lr": lr, "seconds": round(time.time() - t0, 1)}
             logf.write(json.dumps(line) + "\n")
