@@ -114,6 +114,9 @@ class Node:
             server, self.server = self.server, None
             running = server.active_associations
             server.shutdown()          # no new associations from here on
+            # one still negotiating (or a bare TCP probe, which pynetdicom only notices after
+            # acse_timeout) has no work in flight: it is not waited for
+            running = [a for a in running if a.is_established]
             for assoc in running:
                 assoc.join(max(0.0, deadline - time.monotonic()))
             for assoc in running:
@@ -132,13 +135,22 @@ class Node:
         self.stop()
 
 
-def setup_logging(cfg: C.Config) -> None:
+def setup_logging(cfg: C.Config):
+    """Log as configured; returns a function that puts the previous logging set-up back."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("pynetdicom").level)
     handler: logging.Handler = logging.FileHandler(cfg.log_file) if cfg.log_file else logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(cfg.log_level)
     logging.getLogger("pynetdicom").setLevel(cfg.pynetdicom_log_level)
+
+    def restore() -> None:
+        handler.close()
+        root.handlers[:], level, pnd_level = saved
+        root.setLevel(level)
+        logging.getLogger("pynetdicom").setLevel(pnd_level)
+    return restore
 
 
 def serve(config_path: str | None) -> int:
@@ -149,8 +161,14 @@ def serve(config_path: str | None) -> int:
     except C.ConfigError as exc:
         print(f"dicom-nncodec: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(cfg)
-    node = Node(cfg)
+    restore_logging = setup_logging(cfg)
+    try:
+        return _run(Node(cfg))
+    finally:
+        restore_logging()
+
+
+def _run(node: Node) -> int:
     try:
         node.start()
     except OSError as exc:
