@@ -65,6 +65,25 @@ def _nl_shift(max_error: int, thresholds: torch.Tensor) -> int:
     return int(torch.bucketize(torch.tensor([2 * max_error + 1]), thresholds, right=True)[0])
 
 
+def _positions(mask: torch.Tensor):
+    """The coded positions of a step (raster order); None when every position is coded."""
+    return None if bool(mask.all()) else mask.nonzero(as_tuple=True)
+
+
+def _gather(t: torch.Tensor, sel) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1) if sel is None else t[:, sel[0], sel[1]]
+
+
+def _scatter(fill: torch.Tensor, sel, values: np.ndarray, dev) -> torch.Tensor:
+    """The step's grid: decoded values at coded positions, ``fill`` at pad positions."""
+    v = torch.as_tensor(values, device=dev)
+    if sel is None:
+        return v.reshape(fill.shape)
+    out = fill.clone()
+    out[:, sel[0], sel[1]] = v
+    return out
+
+
 class _PlaneBatch:
     """Runs the pyramid over a batch of planes, encoding (``x`` given) or decoding (``payloads`` given)."""
 
@@ -77,8 +96,8 @@ class _PlaneBatch:
         self.nl_shift = _nl_shift(max_error, model.net.thresholds) if max_error else 0
 
     def _residual_params(self, pred, sel):
-        mu4 = pred.mu4[:, sel[0], sel[1]].cpu().numpy()
-        j = pred.j[:, sel[0], sel[1]].cpu().numpy()
+        mu4 = _gather(pred.mu4, sel).cpu().numpy()
+        j = _gather(pred.j, sel).cpu().numpy()
         if self.max_error:
             return (mu4 + 2) >> 2, np.clip(j - self.nl_shift, 0, P.NUM_SCALES - 1), np.zeros_like(j)
         return mu4 >> 2, j, mu4 & 3
@@ -94,9 +113,9 @@ class _PlaneBatch:
 
         def code_step(phase, level, pred, mask):
             orig = P.split_phases(levels[level], self.sizes[level + 1])[phase]
-            sel = mask.nonzero(as_tuple=True)
+            sel = _positions(mask)
             loc, j, f = self._residual_params(pred, sel)
-            xo = orig[:, sel[0], sel[1]].cpu().numpy()
+            xo = _gather(orig, sel).cpu().numpy()
             r = xo - loc
             if self.max_error:
                 q = np.sign(r) * ((np.abs(r) + self.max_error) // step)
@@ -109,9 +128,7 @@ class _PlaneBatch:
                 d = self.model.tables.choose_adjustment(r[i], j[i], f[i], b) if len(r[i]) else 0
                 c.encode_uniform(np.array([d + SCALE_ADJUST_ZERO]), SCALE_ADJUST_BITS)
                 c.encode_residuals(r[i], np.clip(j[i] + d, 0, P.NUM_SCALES - 1), f[i], b)
-            out = torch.minimum(pred.rounded_loc.clamp_min(0), maxv).clone()
-            out[:, sel[0], sel[1]] = torch.as_tensor(rec, device=self.dev)
-            return out
+            return _scatter(torch.minimum(pred.rounded_loc.clamp_min(0), maxv), sel, rec, self.dev)
 
         with torch.no_grad():
             recon = PyramidRun(self.net, torch.as_tensor(self.bits, device=self.dev), self.sizes,
@@ -126,7 +143,7 @@ class _PlaneBatch:
         maxv = torch.as_tensor((1 << self.bits) - 1, device=self.dev).view(-1, 1, 1)
 
         def code_step(phase, level, pred, mask):
-            sel = mask.nonzero(as_tuple=True)
+            sel = _positions(mask)
             loc, j, f = self._residual_params(pred, sel)
             r = np.zeros_like(loc)
             for i, c in enumerate(coders):
@@ -134,9 +151,7 @@ class _PlaneBatch:
                 r[i] = c.decode_residuals(np.clip(j[i] + d, 0, P.NUM_SCALES - 1), f[i], int(self.bits[i]))
             rec = loc + r * step
             rec = np.clip(rec, 0, ((1 << self.bits) - 1)[:, None])
-            out = torch.minimum(pred.rounded_loc.clamp_min(0), maxv).clone()
-            out[:, sel[0], sel[1]] = torch.as_tensor(rec, device=self.dev)
-            return out
+            return _scatter(torch.minimum(pred.rounded_loc.clamp_min(0), maxv), sel, rec, self.dev)
 
         with torch.no_grad():
             return PyramidRun(self.net, torch.as_tensor(self.bits, device=self.dev), self.sizes,

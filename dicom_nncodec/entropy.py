@@ -128,7 +128,7 @@ def _groups(table_idx: np.ndarray):
     """Positions grouped by table, in a fixed order both sides can compute."""
     if len(table_idx) == 0:
         return
-    order = np.argsort(table_idx, kind="stable")
+    order = np.argsort(table_idx.astype(np.int16), kind="stable")   # 16-bit keys: numpy's radix sort
     sorted_t = table_idx[order]
     cuts = np.flatnonzero(np.diff(sorted_t)) + 1
     starts = np.concatenate([[0], cuts])
