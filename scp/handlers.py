@@ -41,6 +41,7 @@ SERVICE_OF = {
     PatientRootQueryRetrieveInformationModelMove: "move", StudyRootQueryRetrieveInformationModelMove: "move",
     Verification: "echo",
 }
+GET_MODELS = {PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet}
 IDENTIFIER_MISMATCH = 0xA900
 
 
@@ -50,6 +51,7 @@ class Services:
     index: Index
     ingest: Ingest
     retrieval: Retrieval
+    get_syntaxes: list = field(default_factory=list)
     counters: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -85,7 +87,17 @@ def on_requested(event, services: Services) -> None:
         assoc.acse.send_reject(0x01, 0x01, 0x03)     # rejected-permanent, service-user, calling AE not recognised
         assoc.kill()
         return
+    requested = {cx.abstract_syntax for cx in assoc.requestor.primitive.presentation_context_definition_list}
+    if "get" in allowed and requested & GET_MODELS:
+        keep = [_for_get(cx, services.get_syntaxes) if cx.abstract_syntax not in SERVICE_OF else cx for cx in keep]
     assoc.acceptor.supported_contexts = keep
+
+
+def _for_get(cx, syntaxes):
+    """A storage context that prefers what this node can produce (C-GET sub-operations use it)."""
+    out = build_context(cx.abstract_syntax, syntaxes)
+    out.scp_role, out.scu_role = cx.scp_role, cx.scu_role
+    return out
 
 
 def on_accepted(event, services: Services) -> None:

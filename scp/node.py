@@ -34,7 +34,7 @@ from .index import Index
 from .ingest import Ingest
 from .retrieve import Retrieval
 from .storage import Storage
-from .transcode import storage_syntaxes
+from .transcode import get_syntaxes, storage_syntaxes
 
 log = logging.getLogger("scp.node")
 
@@ -78,7 +78,7 @@ class Node:
         self.index = Index(C.resolved_index_url(cfg))
         self.compressor = Compressor(cfg, self.index, self.storage)
         self.services = Services(cfg, self.index, Ingest(cfg, self.index, self.storage, self.compressor.wake),
-                                 Retrieval(cfg, self.index, self.storage))
+                                 Retrieval(cfg, self.index, self.storage), get_syntaxes(cfg.retrieve_syntaxes))
         self.ae: AE | None = None
         self.server = None
 

@@ -50,13 +50,23 @@ def syntax(uid) -> UID:
 
 
 def storage_syntaxes(preference: Iterable[UID]) -> list[UID]:
-    """The Storage SCP's list: the private ones, then the retrieve preference (which also orders the
-    syntaxes chosen for C-GET sub-operations on the same contexts), then the rest."""
+    """The Storage SCP's list: the private ones, then the compressed syntaxes of the retrieve
+    preference (the same contexts carry C-GET sub-operations, so a C-GET requestor proposing
+    several gets the preferred one), then the rest in the order above: a sender offering RLE
+    and Explicit VR sends RLE rather than decompressing for us."""
     out: list[UID] = [NNCodecLossless, NNCodecLossy]
-    for uid in list(preference) + list(ACCEPTED_FOR_STORAGE):
+    for uid in [p for p in preference if p.is_compressed] + list(ACCEPTED_FOR_STORAGE):
         if uid in ACCEPTED_FOR_STORAGE and uid not in out:
             out.append(uid)
     return out
+
+
+def get_syntaxes(preference: Iterable[UID]) -> list[UID]:
+    """The storage contexts' order on an association that asks for C-GET: what this node can
+    produce, by preference, first (the acceptor picks one syntax per context, and a C-GET
+    requestor receives everything on those contexts), then the rest of the storage list."""
+    first = [p for p in preference if p in PRODUCIBLE]
+    return first + [u for u in storage_syntaxes(preference) if u not in first]
 
 
 def proposals(stored: Iterable[str], preference: Iterable[UID]) -> list[UID]:

@@ -171,3 +171,11 @@ def test_a_corrupt_stored_instance_fails_alone_and_is_named(tmp_path):
             failure = node.index.stats()["recent_failures"][0]
             assert failure.sop_uid == victim and "C-MOVE to DEST" in failure.reason
         assert sorted(ds.SOPInstanceUID for _, ds in dest.received) == sorted(set(BY_UID) - {victim})
+
+
+def test_get_picks_a_producible_syntax_when_the_requestor_offers_several_in_one_context(node):
+    from pydicom.uid import HTJ2KLossless, JPEGLosslessSV1
+    final, received = get(node.port, study_query(), STUDY_GET, SOP_CLASSES,
+                          [JPEGLosslessSV1, HTJ2KLossless, ExplicitVRLittleEndian])
+    assert (final.Status, final.NumberOfCompletedSuboperations) == (0, 3)
+    check_received(received, ExplicitVRLittleEndian)

@@ -125,3 +125,36 @@ def test_duplicate_policy(tmp_path, policy, status, description):
         files = [f for _, _, fs in os.walk(tmp_path / "s" / "objects") for f in fs]
         assert len(files) == 1
         assert row.generation == (2 if policy == "replace" else 1)
+
+
+def test_a_sender_offering_compressed_and_uncompressed_sends_compressed(tmp_path):
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+    ds = read("MR_small_RLE.dcm")
+    with running_node(tmp_path / "s", compression={"workers": 0}) as node:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(ds.SOPClassUID, [RLELossless, ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="NNCODEC")
+        assert assoc.accepted_contexts[0].transfer_syntax[0] == RLELossless
+        assert assoc.send_c_store(ds).Status == 0
+        assoc.release()
+        assert instances(node)[ds.SOPInstanceUID].received_transfer_syntax == RLELossless
+
+
+def test_concurrent_associations_store_everything(tmp_path):
+    import threading
+    batches = [[read(n) for n in ("CT_small.dcm", "MR_small.dcm", "SC_rgb.dcm")] for _ in range(4)]
+    for batch in batches[1:]:                      # the same study and series from several senders at once
+        for ds, first in zip(batch, batches[0]):
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = first.StudyInstanceUID, first.SeriesInstanceUID
+    results = {}
+    with running_node(tmp_path / "s", compression={"workers": 1}) as node:
+        threads = [threading.Thread(target=lambda i=i, b=b: results.__setitem__(i, send(node.port, b)))
+                   for i, b in enumerate(batches)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert all(results[i] == [0, 0, 0] for i in range(len(batches)))
+        assert len(instances(node)) == 12
+        assert node.compressor.wait_idle(120)
+        assert node.index.stats()["by_state"] == {"compressed": 12}
