@@ -185,9 +185,9 @@ def folder_groups(files: Sequence[Path]) -> dict[Path, str]:
 
 
 def _model_hold_out() -> list[str] | None:
-    from .zoo import DEFAULT_LOSSLESS_MODEL, load_model
+    from .zoo import default_model, load_model
     try:
-        extra = load_model(DEFAULT_LOSSLESS_MODEL).config.get("extra") or {}
+        extra = load_model(default_model()).config.get("extra") or {}
     except Exception:
         return None
     ho = extra.get("hold_out")
@@ -572,7 +572,7 @@ def run(paths: Sequence[str | os.PathLike], groups_by: str = "folder", plot: str
     from .dataset import frames_of, is_image, number_of_frames
     from .errors import UnsupportedPixelData
     from .pixels import PixelFormat
-    from .zoo import DEFAULT_LOSSLESS_MODEL, load_model
+    from .zoo import default_model, load_model
 
     if groups_by not in GROUPINGS:
         raise ValueError(f"groups_by must be one of {', '.join(GROUPINGS)}")
@@ -591,7 +591,7 @@ def run(paths: Sequence[str | os.PathLike], groups_by: str = "folder", plot: str
         notes.append("JXL-e7 is not in this run: the 'vs e7' columns are empty")
 
     hold_out = _model_hold_out()
-    load_model(DEFAULT_LOSSLESS_MODEL)
+    load_model(default_model())
     warm = np.zeros((32, 32), np.uint16)   # first-call costs (model load, kernel set-up) stay out of the timings
     encode_frames([warm], PixelFormat(32, 32, 1, 16, 12, False, "MONOCHROME2"), device=dev)
 
@@ -698,7 +698,7 @@ def run(paths: Sequence[str | os.PathLike], groups_by: str = "folder", plot: str
                      "pydicom": pydicom.__version__, "python": platform.python_version(),
                      "machine": platform.machine(), "cpu_count": os.cpu_count(),
                      "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "libraries": bl.library_versions(),
-                     "model": DEFAULT_LOSSLESS_MODEL, "model_hold_out": hold_out},
+                     "model": default_model(), "model_hold_out": hold_out},
         "codecs": [{"name": OURS, "label": OURS_LABEL, "note": "this codec, end to end (encode_frames/decode_frames)",
                     "transfer_syntax": "NNCodecLossless"}]
         + [{"name": b.name, "label": b.label, "note": b.note, "transfer_syntax": b.transfer_syntax} for b in baselines],
@@ -727,6 +727,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", metavar="FILE", help="write every measurement to this JSON file")
     p.add_argument("--group-by", choices=GROUPINGS, default="folder",
                    help="image groups: source folder (default), Modality, file, or none")
+    p.add_argument("--model", default=None, help="shipped model to encode with (default: the current default; "
+                   "e.g. nnc-lossless-1-nolstm for the ablation without the ConvLSTM)")
     p.add_argument("--device", default="cpu", help="device for this codec: cpu (default), cuda, auto")
     p.add_argument("--threads", type=int, default=1, help="threads for every codec (default 1)")
     p.add_argument("--max-frames", type=int, default=None, metavar="N",
@@ -747,6 +749,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import NNCodecError
 
     codecs = [c.strip() for c in a.codecs.split(",") if c.strip()] if a.codecs else None
+    if a.model:
+        os.environ["DICOM_NNCODEC_MODEL"] = a.model      # read by codec.encode_frames via zoo.default_model()
     try:
         results = run(a.paths, groups_by=a.group_by, plot=a.plot, device=a.device, threads=a.threads,
                       max_frames=a.max_frames, repeat=a.repeat, codecs=codecs, files=not a.no_files,

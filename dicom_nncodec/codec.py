@@ -24,7 +24,7 @@ from .errors import BitstreamError, NNCodecError, UnsupportedPixelData
 from .models import pyramid as P
 from .models.context_model import PyramidRun
 from .pixels import PixelFormat, from_planes, to_planes
-from .zoo import DEFAULT_LOSSLESS_MODEL, LoadedModel, load_model
+from .zoo import LoadedModel, default_model, load_model
 
 MAX_NEAR_LOSSLESS_ERROR = 255
 DEFAULT_BATCH = 8
@@ -163,14 +163,14 @@ def pixel_crc(frame: np.ndarray) -> int:
 
 
 def encode_frames(frames: Iterable[np.ndarray], fmt: PixelFormat, *, max_error: int = 0,
-                  model_id: str = DEFAULT_LOSSLESS_MODEL, device="auto",
+                  model_id: str | None = None, device="auto",
                   batch_size: int = DEFAULT_BATCH) -> list[bytes]:
     """Encode frames (each (rows, cols) or (rows, cols, 3)) of one pixel format."""
     fmt.validate()
     if not 0 <= int(max_error) <= MAX_NEAR_LOSSLESS_ERROR:
         raise UnsupportedPixelData(f"max_error must be between 0 and {MAX_NEAR_LOSSLESS_ERROR}")
     max_error = int(max_error)
-    model = load_model(model_id)
+    model = load_model(model_id or default_model())
     dev = resolve_device(device)
     transform = fmt.coding_transform(max_error)
     bits = np.array(fmt.plane_bits(transform), dtype=np.int64)

@@ -93,6 +93,13 @@ _cache: dict[tuple[str, bytes | None], LoadedModel] = {}
 _cache_lock = threading.Lock()
 
 
+def default_model() -> str:
+    """The model new data is encoded with: ``DICOM_NNCODEC_MODEL`` if set, else the current default.
+    (Decoding always uses the model a frame names.)"""
+    import os
+    return os.environ.get("DICOM_NNCODEC_MODEL") or DEFAULT_LOSSLESS_MODEL
+
+
 def weights_dir() -> Path:
     return Path(str(resources.files("dicom_nncodec") / "weights"))
 
