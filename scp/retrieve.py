@@ -39,6 +39,19 @@ class Item:
     transfer_syntax: str
 
 
+class _HideMarkerRefusal(logging.Filter):
+    """pynetdicom logs its refusal of an :func:`unsendable` marker at ERROR, which would read as a
+    second, misleading failure; the real cause is logged here instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "contains no '(0002,0010) Transfer Syntax UID'" not in record.getMessage()
+
+
+_pynetdicom_log = logging.getLogger("pynetdicom.service_class")
+if not any(isinstance(f, _HideMarkerRefusal) for f in _pynetdicom_log.filters):
+    _pynetdicom_log.addFilter(_HideMarkerRefusal())
+
+
 def unsendable(item: Item) -> Dataset:
     ds = Dataset()
     ds.SOPClassUID = item.sop_class_uid

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
@@ -150,3 +149,22 @@ def test_stop_finishes_the_instance_in_progress(tmp_path):
     st = Index(f"sqlite:///{tmp_path / 's' / 'index.sqlite'}").stats()
     assert st["queue"].get("running", 0) == 0            # nothing left claimed
     assert st["by_state"].get("compressed", 0) + st["queue"].get("queued", 0) == 4
+
+
+def test_a_result_for_a_copy_replaced_meanwhile_is_discarded(tmp_path):
+    first = read("CT_small.dcm")
+    second = dcmread(get_testdata_file("CT_small.dcm"))
+    second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = first.SOPInstanceUID
+    second.StudyInstanceUID, second.SeriesInstanceUID = first.StudyInstanceUID, first.SeriesInstanceUID
+    second.StudyDescription = "SECOND"
+    with running_node(tmp_path / "s", storage={"duplicates": "replace"}, compression={"workers": 0}) as node:
+        assert send(node.port, [first]) == [0]
+        job = node.index.claim()                     # a worker starts on the first copy ...
+        assert send(node.port, [second]) == [0]      # ... while a corrected copy arrives
+        node.compressor.process(job)                 # the stale result must not replace it
+        row = rows(node)[first.SOPInstanceUID]
+        assert row.transfer_syntax == row.received_transfer_syntax and row.generation == 2
+        assert stored(node, row).StudyDescription == "SECOND"
+        assert node.index.stats()["queue"] == {"queued": 1}     # the new copy waits for its own turn
+        files = list((tmp_path / "s" / "objects").rglob("*.dcm"))
+        assert len(files) == 1
