@@ -1,0 +1,399 @@
+"""The private transfer syntax annex (conformance/PRIVATE_TRANSFER_SYNTAX.md) states what the code does.
+
+The annex carries two machine-readable YAML blocks: ``constants`` (section 10) and
+``worked_example`` (section 9).  Every value there is compared with the code here,
+and the range coder / table quantisation the annex restates from constriction is
+checked against the installed constriction, so the specification cannot drift
+silently from the implementation (or from a constriction upgrade)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dicom_nncodec import bitstream as B
+from dicom_nncodec import codec, entropy, syntax, zoo
+from dicom_nncodec.errors import BitstreamError
+from dicom_nncodec.models import context_model as CM
+from dicom_nncodec.models import pyramid as P
+from dicom_nncodec.models import quant as Q
+from dicom_nncodec.pixels import COLOUR_DIRECT, COLOUR_RCT, GRAYSCALE, TRANSFORM_NONE, TRANSFORM_RCT, PixelFormat
+
+SPEC = Path(__file__).resolve().parents[1] / "conformance" / "PRIVATE_TRANSFER_SYNTAX.md"
+
+
+def _blocks() -> dict:
+    out = {}
+    for text in re.findall(r"```yaml\n(.*?)```", SPEC.read_text(encoding="utf-8"), re.S):
+        data = yaml.safe_load(text)
+        assert isinstance(data, dict) and len(data) == 1, "each yaml block of the annex has one top-level key"
+        out.update(data)
+    return out
+
+
+BLOCKS = _blocks()
+C = BLOCKS["constants"]
+EX = BLOCKS["worked_example"]
+
+
+# ---- section 1: UIDs and DICOM identification ------------------------------------------------------
+
+def test_uids_and_identification():
+    assert C["transfer_syntaxes"]["NNCodecLossless"] == str(syntax.NNCodecLossless)
+    assert C["transfer_syntaxes"]["NNCodecLossy"] == str(syntax.NNCodecLossy)
+    for uid in (syntax.NNCodecLossless, syntax.NNCodecLossy):
+        assert not uid.is_implicit_VR and uid.is_little_endian and uid.is_encapsulated
+    assert C["implementation_class_uid"] == str(syntax.IMPLEMENTATION_CLASS_UID)
+    assert C["implementation_version_name"] == syntax.IMPLEMENTATION_VERSION_NAME
+    assert C["lossy_image_compression_method"] == syntax.LOSSY_METHOD
+    assert C["max_near_lossless_error"] == codec.MAX_NEAR_LOSSLESS_ERROR
+
+
+def test_supported_pixel_descriptions():
+    px = C["pixels"]
+    assert list(GRAYSCALE) == px["grayscale_photometric"]
+    assert list(COLOUR_RCT) == px["rct_photometric"]
+    assert list(COLOUR_DIRECT) == px["direct_colour_photometric"]
+    for ba in (1, 8, 12, 16, 32):
+        fmt = PixelFormat(2, 2, 1, ba, min(ba, 8), False, "MONOCHROME2")
+        if ba in px["bits_allocated"]:
+            fmt.validate()
+        else:
+            with pytest.raises(ValueError):
+                fmt.validate()
+
+
+# ---- section 2: frame container ---------------------------------------------------------------------
+
+def _sizes(fields):
+    return [size for _, size in fields]
+
+
+def test_frame_struct_sizes():
+    f = C["frame"]
+    assert B.MAGIC == f["magic"].encode("ascii") and len(B.MAGIC) == 4
+    assert B.VERSION == f["version"]
+    assert {B.MODE_LOSSLESS: "lossless", B.MODE_NEAR_LOSSLESS: "near_lossless"} == \
+        {v: k for k, v in f["modes"].items()}
+    assert (TRANSFORM_NONE, TRANSFORM_RCT) == (f["colour_transforms"]["none"], f["colour_transforms"]["rct"])
+    assert B._FIXED.size == sum(_sizes(f["fixed_fields"])) == 9
+    assert B._GEOMETRY.size == sum(_sizes(f["geometry_fields"])) == 14
+    assert [struct.calcsize("<" + c) for c in B._FIXED.format.lstrip("<").replace("4s", "s")][1:] == \
+        _sizes(f["fixed_fields"])[1:]
+    assert [struct.calcsize("<" + c) for c in B._GEOMETRY.format.lstrip("<")] == _sizes(f["geometry_fields"])
+    assert zlib.crc32(b"123456789") == f["crc32_check_123456789"]
+
+
+def test_frame_field_offsets_as_specified():
+    """Pack a header with distinctive values and read each field back at the offset the annex gives."""
+    f = C["frame"]
+    model_id = "x" * 7
+    digest = bytes(range(100, 132))
+    payloads = [b"\x11" * 8, b"\x22" * 4, b"\x33" * 12]
+    h = B.FrameHeader(B.MODE_NEAR_LOSSLESS, 300, model_id, digest, 513, 1027, 3, 16, 12, False, 0, 0xDEADBEEF, ())
+    data = B.pack(h, payloads)
+    values = {"magic": B.MAGIC, "version": 1, "mode": 1, "max_error": 300, "model_id_len": 7,
+              "rows": 513, "columns": 1027, "samples_per_pixel": 3, "bits_allocated": 16, "bits_stored": 12,
+              "pixel_representation": 0, "colour_transform": 0, "planes": 3, "pixel_crc": 0xDEADBEEF}
+    pos = 0
+    for name, size in f["fixed_fields"]:
+        raw = data[pos:pos + size]
+        assert (raw if name == "magic" else int.from_bytes(raw, "little")) == values[name], name
+        pos += size
+    assert data[pos:pos + 7] == model_id.encode()
+    pos += 7
+    assert data[pos:pos + f["digest_bytes"]] == digest
+    pos += f["digest_bytes"]
+    for name, size in f["geometry_fields"]:
+        assert int.from_bytes(data[pos:pos + size], "little") == values[name], name
+        pos += size
+    for p in payloads:
+        assert int.from_bytes(data[pos:pos + f["payload_len_bytes"]], "little") == len(p)
+        pos += f["payload_len_bytes"]
+    header_size = pos
+    assert header_size == 55 + len(model_id) + 4 * len(payloads)
+    assert data[pos:pos + 24] == b"".join(payloads)
+    pos += 24
+    assert int.from_bytes(data[pos:pos + f["frame_crc_bytes"]], "little") == zlib.crc32(data[:pos])
+    pos += f["frame_crc_bytes"]
+    # the pad byte is present exactly when the frame is odd-sized, i.e. when the model id length is even
+    assert len(data) - pos == (pos % 2) == (len(model_id) % 2 == 0)
+    assert data[pos:] in (b"", bytes([f["pad_byte"]]))
+    parsed, _ = B.unpack(data)
+    assert parsed.header_size == header_size and parsed.size == pos
+
+
+def test_payload_lengths_must_be_multiples_of_four():
+    h = B.FrameHeader(0, 0, "m", bytes(32), 1, 1, 1, 8, 8, False, 0, 0, ())
+    assert C["frame"]["payload_multiple"] == 4
+    with pytest.raises(BitstreamError, match="inconsistent"):
+        B.unpack(B.pack(h, [b"\x00" * 6]))
+
+
+# ---- section 4: weights file ------------------------------------------------------------------------
+
+def test_weights_file_as_specified():
+    w = C["weights"]
+    assert zoo.MAGIC == w["magic"].encode("ascii")
+    assert zoo.DEFAULT_LOSSLESS_MODEL == w["default_model_id"]
+    for model_id, spec in w["models"].items():
+        data = zoo.available_models()[model_id].read_bytes()
+        assert len(data) == spec["size"]
+        assert hashlib.sha256(data).hexdigest() == spec["sha256"]
+        (n,) = struct.unpack_from("<I", data, len(zoo.MAGIC))
+        header = json.loads(data[len(zoo.MAGIC) + 4:len(zoo.MAGIC) + 4 + n])
+        assert header["model_id"] == model_id
+        assert header["config"] == spec["config"]
+        assert [a["name"] for a in header["arrays"]] == sorted(a["name"] for a in header["arrays"])
+        assert {a["name"]: [a["dtype"], a["shape"]] for a in header["arrays"]} == spec["arrays"]
+        assert zoo.load_model(model_id).digest.hex() == spec["sha256"]
+
+
+# ---- section 5: pyramid, features, network ----------------------------------------------------------
+
+def test_pyramid_constants():
+    p = C["pyramid"]
+    assert P.SCALES_PER_OCTAVE == p["scales_per_octave"]
+    assert P.SCALE_INDEX_OFFSET == p["scale_index_offset"]
+    assert P.NUM_SCALES == p["num_scales"]
+    assert len(P.log_thresholds()) == p["threshold_count"]
+    assert P.FEATURE_FRAC == p["feature_frac"]
+    assert list(P.PHASES) == p["phases"]
+    assert P.NEIGHBOURS == p["neighbours"]
+    for phase, k in p["neighbours"].items():
+        assert P.feature_channels(phase) == k + p["extra_feature_channels"]
+    assert P.level_sizes(3, 3)[-1] == (2, 2) and P.level_sizes(2, 2) == [(2, 2)]
+    assert max(P.level_sizes(70, 45)[-1]) <= p["base_max_side"]
+    assert P.level_sizes(70, 45) == [(70, 45), (35, 23), (18, 12), (9, 6), (5, 3), (3, 2), (2, 1)]
+
+
+def test_feature_channels_as_specified():
+    """The last four feature channels: intensity, min(lu, 127), 8*min(level, 7), 4*bits."""
+    p = C["pyramid"]
+    a = torch.full((1, 3, 3), 1000, dtype=torch.int64)
+    for level in (0, 9):
+        ctx = P.StepContext("D", level, {"A": a}, torch.tensor([12]), P.log_thresholds())
+        f = ctx.features[0, :, 0, 0].long().tolist()
+        assert f[:4] == [0, 0, 0, 0]                                  # dev of a flat neighbourhood
+        assert f[4] == 1000 * 64 // 2 ** 12
+        assert f[5] == 0                                              # u = 1, floor(6*log2 1) = 0
+        assert f[6] == p["level_channel_step"] * min(level, p["level_cap"])
+        assert f[7] == p["bits_channel_step"] * 12
+
+
+def test_context_lstm_constants():
+    c = C["context_lstm"]
+    assert CM.CONTEXT_LEVEL == c["context_level"]
+    assert CM.HIDDEN == c["hidden"]
+    assert CM.SUMMARY_CHANNELS == c["summary_channels"]
+    lstm = CM.ContextLSTM(16)
+    assert lstm.gates.cin == c["summary_channels"] + c["hidden"] and lstm.gates.cout == 4 * c["hidden"]
+
+
+def test_layers_as_specified():
+    spec = C["layers"]
+    net = CM.ContextModel(width=16, use_lstm=True)
+    seen = set()
+    for name, m in net.named_modules():
+        if not isinstance(m, Q.QConv):
+            continue
+        key = name.split(".", 2)[-1] if name.startswith("nets.") else ("lstm.proj" if ".proj." in name else name)
+        s = spec[key]
+        assert (m.k, m.in_frac, m.out_frac, m.act, m.out_clamp, m.in_max) == \
+            (s["k"], s["in_frac"], s["out_frac"], s["act"], s["out_clamp"], s["in_max"]), name
+        seen.add(key)
+    assert seen == {k for k in spec if k not in ("leaky_shift", "exact_limit")}
+    assert Q.LEAKY_SHIFT == spec["leaky_shift"]
+    assert Q.FLOAT32_EXACT_LIMIT == spec["exact_limit"]
+
+
+def test_qconv_integer_semantics():
+    """forward_int equals the integer definition of section 5.6 (conv, floor requantisation, leaky, clamp)."""
+    torch.manual_seed(0)
+    layer = Q.QConv(3, 4, 3, in_frac=3)
+    layer.export()
+    x = torch.randint(-127, 128, (1, 3, 5, 6))
+    got = layer.forward_int(x.float()).long()
+    w, b, e = layer.w_int.long(), layer.b_int.long(), layer.e_int.long()
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    acc = b.view(1, -1, 1, 1).expand(1, 4, 5, 6).clone()
+    for dy in range(3):
+        for dx in range(3):
+            acc += torch.einsum("nchw,oc->nohw", xp[:, :, dy:dy + 5, dx:dx + 6], w[:, :, dy, dx])
+    y = torch.stack([acc[:, o] << s if s >= 0 else acc[:, o] >> -s
+                     for o, s in enumerate((4 - 3 - e).tolist())], 1)
+    y = torch.where(y >= 0, y, y >> 3).clamp(-127, 127)
+    assert torch.equal(got, y)
+
+
+# ---- section 4.3 / 5.3 / 5.10: tables, quantisation, range coder, symbol layout ---------------------
+
+def test_entropy_constants():
+    e = C["entropy"]
+    model = zoo.load_model(zoo.DEFAULT_LOSSLESS_MODEL)
+    t = model.tables
+    assert entropy.QUARTERS == e["quarters"]
+    assert entropy.FREQ_BITS == e["freq_bits"] and entropy.TAIL_UNITS == e["tail_units"]
+    assert len(t.offsets) - 1 == e["table_count"] == P.NUM_SCALES * entropy.QUARTERS
+    assert entropy.SCALE_ADJUST_BITS == e["scale_adjust_bits"]
+    assert entropy.SCALE_ADJUST_ZERO == e["scale_adjust_zero"] == 1 << (e["scale_adjust_bits"] - 1)
+    lengths = np.diff(t.offsets)
+    zmax = t.zmax_of
+    assert np.array_equal(lengths, eval(e["table_length"], {}, {"zmax": zmax}))  # noqa: S307 (our own file)
+    assert zmax.min() >= e["min_zmax"]
+    for j in range(P.NUM_SCALES):
+        k = max(0, (j - P.SCALE_INDEX_OFFSET) // P.SCALES_PER_OCTAVE - e["low_bits_octave_offset"])
+        assert entropy.low_bits(j) == k == t.k_of[j * entropy.QUARTERS]
+        for f in range(entropy.QUARTERS):
+            assert t.table_index(np.array([j]), np.array([f]))[0] == 4 * j + (f if k == 0 else 0)
+
+
+def _spec_cdf(freqs) -> list[int]:
+    """Section 5.3: constriction's fast quantisation to 24 bits, in binary64."""
+    n = len(freqs)
+    total = 0.0
+    for x in freqs:
+        total += float(x)
+    scale = float((1 << 24) - n) / total
+    cdf, cum = [], 0.0
+    for i, x in enumerate(freqs):
+        cdf.append(int(cum * scale) + i)
+        cum += float(x)
+    return cdf + [1 << 24]
+
+
+def test_quantised_cdf_check_value():
+    t = zoo.load_model(zoo.DEFAULT_LOSSLESS_MODEL).tables
+    allc = []
+    for i in range(len(t.offsets) - 1):
+        cdf = _spec_cdf(t.freqs[t.offsets[i]:t.offsets[i + 1]].tolist())
+        assert all(b > a for a, b in zip(cdf, cdf[1:]))
+        allc += cdf
+    assert hashlib.sha256(np.array(allc, dtype="<u4").tobytes()).hexdigest() == C["entropy"]["quantised_cdf_sha256"]
+
+
+class _SpecRangeDecoder:
+    """Section 5.3, written from the annex: u32 words, u64 state, 24-bit models."""
+    M64 = (1 << 64) - 1
+
+    def __init__(self, payload: bytes):
+        self.words = list(struct.unpack(f"<{len(payload) // 4}I", payload))
+        self.pos, self.lower, self.range, point, n = 0, 0, self.M64, 0, 0
+        while n < 2 and self.pos < len(self.words):
+            point, self.pos, n = (point << 32) | self.words[self.pos], self.pos + 1, n + 1
+        self.point = point << 32 if n == 1 else point
+
+    def decode(self, cdf):
+        scale = self.range >> 24
+        q = ((self.point - self.lower) & self.M64) // scale
+        assert q < 1 << 24
+        s = max(i for i in range(len(cdf) - 1) if cdf[i] <= q)
+        self.lower = (self.lower + scale * cdf[s]) & self.M64
+        self.range = scale * (cdf[s + 1] - cdf[s])
+        if self.range < 1 << 32:
+            self.lower = (self.lower << 32) & self.M64
+            self.range <<= 32
+            word = self.words[self.pos] if self.pos < len(self.words) else 0
+            self.pos += 1
+            self.point = ((self.point << 32) | word) & self.M64
+        return s
+
+    def uniform(self, m):
+        return self.decode([s << (24 - m) for s in range((1 << m) + 1)])
+
+
+def test_constriction_matches_the_annex_and_the_symbol_layout():
+    """Residuals coded by the codec's StepEncoder (constriction) decode with the annex's range decoder,
+    quantisation and symbol layout: adjustment, groups by table, symbols, low bits, escapes."""
+    e = C["entropy"]
+    tables = zoo.load_model(zoo.DEFAULT_LOSSLESS_MODEL).tables
+    rng = np.random.default_rng(5)
+    bits = 12
+    n = 300
+    j = rng.integers(0, P.NUM_SCALES, n)
+    f = rng.integers(0, 4, n)
+    r = np.round(rng.laplace(0, 2.0 ** ((j - 36) / 6))).astype(np.int64).clip(-(1 << bits), (1 << bits) - 1)
+    j[::37], r[::37] = 10, (1 << bits) - 1                            # force escapes at both ends
+    j[5::37], r[5::37] = 20, -(1 << bits)
+    enc = entropy.StepEncoder(tables)
+    enc.encode_uniform(np.array([7 + e["scale_adjust_zero"]]), e["scale_adjust_bits"])
+    enc.encode_residuals(r, j, f, bits)
+    payload = enc.finish()
+
+    dec = _SpecRangeDecoder(payload)
+    assert dec.uniform(e["scale_adjust_bits"]) - e["scale_adjust_zero"] == 7
+    t = np.array([4 * jj + (ff if max(0, (jj - 36) // 6 - 2) == 0 else 0) for jj, ff in zip(j, f)])
+    out = np.zeros(n, dtype=np.int64)
+    escapes = 0
+    for table in sorted(set(t.tolist())):
+        idx = [i for i in range(n) if t[i] == table]                  # raster order kept (stable)
+        length = int(tables.offsets[table + 1] - tables.offsets[table])
+        zmax = (length - 3) // 2
+        k = max(0, (table // 4 - 36) // 6 - 2)
+        cdf = _spec_cdf(tables.freqs[tables.offsets[table]:tables.offsets[table + 1]].tolist())
+        syms = [dec.decode(cdf) for _ in idx]
+        high = eval(e["escape_high_symbol"], {}, {"zmax": zmax})     # noqa: S307 (our own file)
+        esc = [s in (e["escape_low_symbol"], high) for s in syms]
+        vals = [(s - zmax - 1) << k for s in syms]
+        if k:
+            for q in range(len(idx)):
+                if not esc[q]:
+                    vals[q] += dec.uniform(k)
+        for q in range(len(idx)):
+            if esc[q]:
+                width = eval(e["escape_value_bits"], {}, {"bits": bits})          # noqa: S307
+                vals[q] = dec.uniform(width) - eval(e["escape_value_offset"], {}, {"bits": bits})  # noqa: S307
+                escapes += 1
+        out[idx] = vals
+    assert escapes == len(r[::37]) + len(r[5::37])
+    assert np.array_equal(out, r)
+
+
+def test_near_lossless_shift():
+    thresholds = zoo.load_model(zoo.DEFAULT_LOSSLESS_MODEL).net.thresholds
+    for n, shift in C["near_lossless_shift"].items():
+        assert codec._nl_shift(int(n), thresholds) == shift == int(np.floor(6 * np.log2(2 * int(n) + 1) + 1e-9))
+
+
+def test_verified_constriction_version_is_admitted_by_the_pin():
+    """The annex restates constriction's coder as verified for one version; that version must be installable.
+    (Behaviour of whichever version is installed is checked by the test above.)"""
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    (pin,) = re.findall(r'"constriction([^"]*)"', pyproject)
+    verified = tuple(int(x) for x in C["entropy"]["constriction_verified"].split("."))
+    for clause in filter(None, pin.split(",")):
+        op, ver = re.match(r"\s*(>=|<=|==|~=|<|>)\s*([\d.*]+)", clause).groups()
+        if ver.endswith(".*") or op == "~=":                          # prefix pins: ==0.5.*, ~=0.5.0
+            prefix = tuple(int(x) for x in ver.rstrip(".*").split("."))[:None if op == "==" else -1]
+            assert verified[:len(prefix)] == prefix, f"constriction {verified} is outside the pin {pin}"
+            continue
+        v = tuple(int(x) for x in ver.split("."))
+        v = v + (0,) * (len(verified) - len(v))
+        assert {">=": verified >= v, "<=": verified <= v, "<": verified < v, ">": verified > v,
+                "==": verified == v}[op], f"constriction {verified} is outside the pin {pin}"
+
+
+# ---- section 9: worked example ----------------------------------------------------------------------
+
+def test_worked_example_bytes():
+    img = np.array(EX["pixels"], dtype="<u2")
+    fmt = PixelFormat(EX["rows"], EX["columns"], 1, EX["bits_allocated"], EX["bits_stored"],
+                      bool(EX["pixel_representation"]), EX["photometric"])
+    data = codec.encode_frame(img, fmt, max_error=EX["max_error"], model_id=EX["model_id"], device="cpu")
+    assert data.hex() == EX["frame_hex"]
+    h, payloads = B.unpack(data)
+    assert h.header_size == EX["header_size"]
+    assert h.pixel_crc == EX["pixel_crc"] == zlib.crc32(img.tobytes())
+    assert int.from_bytes(data[h.size - 4:h.size], "little") == EX["frame_crc"]
+    assert np.array_equal(codec.decode_frame(data, fmt, device="cpu"), img)
+    dec = _SpecRangeDecoder(payloads[0])
+    assert [dec.uniform(EX["bits_stored"]) for _ in range(4)] == EX["base"]
+    assert dec.uniform(6) - 32 == EX["adjustments"]["D"]
