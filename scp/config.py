@@ -13,7 +13,6 @@ import fnmatch
 import os
 import re
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 import yaml
@@ -98,7 +97,10 @@ class Config:
 # --- reading ---------------------------------------------------------------------------------------
 
 def default_text() -> str:
-    return resources.files("scp").joinpath("default_config.yaml").read_text(encoding="utf-8")
+    """The packaged default file (read beside this module, which also works when an editable
+    install registered ``scp`` as a namespace package)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_config.yaml"), encoding="utf-8") as f:
+        return f.read()
 
 
 def _parse_yaml(text: str, origin: str) -> dict:
