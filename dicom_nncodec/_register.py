@@ -57,7 +57,6 @@ def _wrap_dataset_methods() -> None:
         PixelFormat.from_dataset(self).validate()      # a clear refusal before pydicom touches the frames
         lossy = ts == NNCodecLossy
         new_uid = lossy if generate_instance_uid is _UNSET else bool(generate_instance_uid)
-        raw = len(self.PixelData) if arr is None and "PixelData" in self else (arr.nbytes if arr is not None else 0)
         if arr is None and self.original_encoding[1] is False:
             # pydicom hands big-endian frames of a dataset source to encoders unswapped; an array is swapped
             from pydicom.pixels import pixel_array
@@ -66,10 +65,9 @@ def _wrap_dataset_methods() -> None:
         if int(self.get("SamplesPerPixel", 1)) > 1:
             self.PlanarConfiguration = 0      # frames are always coded colour-by-pixel
         if lossy:
-            from pydicom.encaps import generate_frames
-            nframes = int(self.get("NumberOfFrames", 1) or 1)
-            size = sum(len(f) for f in generate_frames(self.PixelData, number_of_frames=nframes))
-            apply_lossy_attributes(self, raw / max(1, size), new_uid=new_uid)
+            from .dataset import compression_ratio, encoded_frames
+            apply_lossy_attributes(self, compression_ratio(PixelFormat.from_dataset(self), encoded_frames(self)),
+                                   new_uid=new_uid)
         elif new_uid:
             from pydicom.uid import generate_uid
             self.SOPInstanceUID = self.file_meta.MediaStorageSOPInstanceUID = generate_uid()

@@ -27,6 +27,7 @@ MAGIC = b"NNCF"
 VERSION = 1
 MODE_LOSSLESS = 0
 MODE_NEAR_LOSSLESS = 1
+MAX_ERROR = 255
 MODE_NAMES = {MODE_LOSSLESS: "lossless", MODE_NEAR_LOSSLESS: "near-lossless"}
 _FIXED = struct.Struct("<4sBBHB")
 _GEOMETRY = struct.Struct("<HHBBBBBBI")
@@ -121,5 +122,11 @@ def read_header(data: bytes) -> FrameHeader:
         raise BitstreamError("corrupt frame header: inconsistent pixel description")
     if mode == MODE_LOSSLESS and max_error:
         raise BitstreamError("corrupt frame header: lossless frame with a maximum error")
+    if mode == MODE_NEAR_LOSSLESS and not 1 <= max_error <= MAX_ERROR:
+        raise BitstreamError(f"corrupt frame header: near-lossless maximum error {max_error} outside 1..{MAX_ERROR}")
+    if tr and (spp != 3 or mode != MODE_LOSSLESS):
+        raise BitstreamError("corrupt frame header: colour transform only applies to lossless 3-sample frames")
+    if pr and spp != 1:
+        raise BitstreamError("corrupt frame header: signed data with more than one sample")
     return FrameHeader(mode, max_error, model_id, digest, rows, cols, spp, ba, bs, bool(pr), tr, pixel_crc,
                        tuple(sizes), pos)

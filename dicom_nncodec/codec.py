@@ -26,7 +26,7 @@ from .models.context_model import PyramidRun
 from .pixels import PixelFormat, from_planes, to_planes
 from .zoo import LoadedModel, default_model, load_model
 
-MAX_NEAR_LOSSLESS_ERROR = 255
+MAX_NEAR_LOSSLESS_ERROR = B.MAX_ERROR
 DEFAULT_BATCH = 8
 
 
@@ -209,10 +209,10 @@ def check_matches(h: B.FrameHeader, fmt: PixelFormat | None) -> None:
     """Refuse a frame whose description contradicts the dataset's (a foreign or misplaced frame)."""
     if fmt is None:
         return
-    mine = (h.rows, h.columns, h.samples_per_pixel, h.bits_stored, h.signed)
-    theirs = (fmt.rows, fmt.columns, fmt.samples_per_pixel, fmt.bits_stored, fmt.signed)
+    mine = (h.rows, h.columns, h.samples_per_pixel, h.bits_allocated, h.bits_stored, h.signed)
+    theirs = (fmt.rows, fmt.columns, fmt.samples_per_pixel, fmt.bits_allocated, fmt.bits_stored, fmt.signed)
     if mine != theirs:
-        raise BitstreamError(f"frame describes rows/columns/samples/bits stored/signed {mine}, "
+        raise BitstreamError(f"frame describes rows/columns/samples/bits allocated/bits stored/signed {mine}, "
                              f"the dataset says {theirs}")
 
 

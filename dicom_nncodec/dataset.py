@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from . import codec
 from .errors import UnsupportedPixelData
 from .pixels import PixelFormat
-from .syntax import LOSSY_METHOD, NNCodecLossless, NNCodecLossy, fix_transfer_syntax, registered
+from .syntax import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, LOSSY_METHOD, NNCodecLossless, NNCodecLossy, fix_transfer_syntax, registered
 
 
 def number_of_frames(ds: Dataset) -> int:
@@ -92,7 +92,6 @@ def compress(ds: Dataset, syntax=NNCodecLossless, *, max_error: int = 0, device=
     fmt = PixelFormat.from_dataset(ds).validate()
     frames = frames_of(ds)
     encoded = codec.encode_frames(frames, fmt, max_error=max_error, device=device, batch_size=batch_size)
-    raw = fmt.rows * fmt.columns * fmt.samples_per_pixel * fmt.bits_allocated // 8 * len(frames)
     ds.PixelData = encapsulate(encoded)
     ds["PixelData"].is_undefined_length = True
     ds["PixelData"].VR = "OB"
@@ -104,13 +103,22 @@ def compress(ds: Dataset, syntax=NNCodecLossless, *, max_error: int = 0, device=
     ds._pixel_array = None
     ds._pixel_id = {}
     if max_error:
-        apply_lossy_attributes(ds, raw / max(1, sum(map(len, encoded))))
+        apply_lossy_attributes(ds, compression_ratio(fmt, encoded))
     return ds
 
 
+def compression_ratio(fmt: PixelFormat, encoded: list[bytes]) -> float:
+    """Lossy Image Compression Ratio: uncompressed size (Bits Allocated) over the encoded frames."""
+    raw = fmt.rows * fmt.columns * fmt.samples_per_pixel * fmt.bits_allocated // 8 * len(encoded)
+    return raw / max(1, sum(map(len, encoded)))
+
+
 def save(ds: Dataset, target) -> None:
-    """Write ``ds`` as a DICOM Part 10 file, also when it was read big-endian (pydicom's
-    ``save_as`` refuses to change endianness; the private syntaxes are little-endian)."""
+    """Write ``ds`` as a DICOM Part 10 file naming this implementation in its File Meta
+    Information, also when it was read big-endian (pydicom's ``save_as`` refuses to change
+    endianness; the private syntaxes are little-endian)."""
+    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     if ds.original_encoding[1] is False:
         if getattr(ds, "preamble", None) is None:
             ds.preamble = b"\x00" * 128

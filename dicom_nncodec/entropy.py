@@ -58,6 +58,7 @@ SCALE_ADJUST_BITS = 6                      # per-step scale adjustment, sent as 
 SCALE_ADJUST_ZERO = 1 << (SCALE_ADJUST_BITS - 1)
 _ADJUST_COARSE = (-24, -16, -10, -6, -3, 0, 3, 6, 10)
 ADJUST_SAMPLE = 1 << 14
+COST_ONE = 1024
 
 
 class TableSet:
@@ -72,7 +73,9 @@ class TableSet:
         self.k_of = np.array([low_bits(t // QUARTERS) for t in range(n)], dtype=np.int64)
         self.k_of_scale = self.k_of[::QUARTERS]
         totals = np.add.reduceat(freqs.astype(np.float64), offsets[:-1])
-        self.cost = -np.log2(freqs / np.repeat(totals, np.diff(offsets)))  # encoder decisions only
+        # code lengths in 1/1024 bit, as integers: the encoder's choices are sums of integers,
+        # independent of summation order
+        self.cost = np.floor(-np.log2(freqs / np.repeat(totals, np.diff(offsets))) * COST_ONE + 0.5).astype(np.int64)
 
     def table_index(self, j: np.ndarray, f: np.ndarray) -> np.ndarray:
         """Table of each position.  Where low bits are sent uniformly (k > 0) the bins are 2**k wide
@@ -80,14 +83,14 @@ class TableSet:
         per step, hence fewer coder calls."""
         return j * QUARTERS + np.where(self.k_of_scale[j] > 0, 0, f)
 
-    def code_length(self, r: np.ndarray, t: np.ndarray, bits: int) -> float:
-        """Approximate bits to code residuals r under tables t (for the encoder's choices only)."""
+    def code_length(self, r: np.ndarray, t: np.ndarray, bits: int) -> int:
+        """Approximate code length (1/1024 bit) of residuals r under tables t (for the encoder's choices only)."""
         k, zmax = self.k_of[t], self.zmax_of[t]
         z = r >> k
         esc = (z < -zmax) | (z > zmax)
         sym = np.where(z < -zmax, 0, np.where(z > zmax, 2 * zmax + 2, z + zmax + 1))
-        c = self.cost[self.offsets[t] + sym] + np.where(esc, bits + 1, k)
-        return float(c.sum())
+        c = self.cost[self.offsets[t] + sym] + np.where(esc, bits + 1, k) * COST_ONE
+        return int(c.sum())
 
     def choose_adjustment(self, r: np.ndarray, j: np.ndarray, f: np.ndarray, bits: int) -> int:
         """The scale-index offset (sent once per step and plane) that codes this step's residuals

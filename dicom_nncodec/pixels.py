@@ -39,9 +39,11 @@ class PixelFormat:
             raise UnsupportedPixelData(f"dataset lacks {', '.join(missing)}")
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise UnsupportedPixelData("float pixel data is not supported")
-        return cls(int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated),
-                   int(ds.get("BitsStored", ds.BitsAllocated)), bool(ds.get("PixelRepresentation", 0)),
-                   str(ds.PhotometricInterpretation).strip())
+        fmt = cls(int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated),
+                  int(ds.get("BitsStored", ds.BitsAllocated)), bool(ds.get("PixelRepresentation", 0)),
+                  str(ds.PhotometricInterpretation).strip())
+        check_high_bit(ds.get("HighBit"), fmt.bits_stored)
+        return fmt
 
     def validate(self) -> "PixelFormat":
         if self.bits_allocated == 1:
@@ -85,6 +87,14 @@ class PixelFormat:
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(f"<{'i' if self.signed else 'u'}{self.bits_allocated // 8}")
+
+
+def check_high_bit(high_bit, bits_stored: int) -> None:
+    """Only the usual layout (High Bit = Bits Stored - 1: the stored bits are the low ones) is
+    supported; any other would be silently altered by masking, so it is refused."""
+    if high_bit is not None and int(high_bit) != bits_stored - 1:
+        raise UnsupportedPixelData(f"High Bit {int(high_bit)} with Bits Stored {bits_stored} is not supported "
+                                   f"(only High Bit = Bits Stored - 1)")
 
 
 def to_planes(frame: np.ndarray, fmt: PixelFormat, transform: int | None = None) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import codec
 from .errors import UnsupportedPixelData
-from .pixels import PixelFormat
+from .pixels import PixelFormat, check_high_bit
 from .syntax import PRIVATE_SYNTAXES, NNCodecLossless, NNCodecLossy
 
 DECODER_DEPENDENCIES = {uid: ("numpy", "torch", "constriction") for uid in PRIVATE_SYNTAXES}
@@ -49,6 +49,7 @@ def _decode_frame(src: bytes, runner) -> bytes:
 
 def _encode_frame(src: bytes, runner) -> bytes:
     fmt = _runner_format(runner).validate()
+    check_high_bit(runner.get_option("high_bit", None), fmt.bits_stored)
     max_error = int(runner.get_option("max_error", 0) or 0)
     if runner.transfer_syntax == NNCodecLossless and max_error:
         raise UnsupportedPixelData("NNCodecLossless is lossless only; use NNCodecLossy with max_error")

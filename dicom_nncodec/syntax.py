@@ -3,7 +3,7 @@
 UIDs are fixed forever (PS3.5 B.2, UUID-derived root).  Both are Explicit VR
 Little Endian with encapsulated Pixel Data, one fragment per frame and a Basic
 Offset Table.  A peer that negotiates ``NNCodecLossless`` gets exact pixels;
-``NNCodecLossy`` carries near-lossless (bounded error) and lossy frames.
+``NNCodecLossy`` carries near-lossless frames (every pixel within a stated maximum error).
 """
 from __future__ import annotations
 

@@ -77,11 +77,19 @@ def read_weights(data: bytes) -> LoadedModel:
         count = int(np.prod(a["shape"])) if a["shape"] else 1
         arrays[a["name"]] = np.frombuffer(data, dt, count, base + a["offset"]).reshape(a["shape"])
     cfg = header["config"]
+    if set(cfg) != {"width", "use_lstm"}:
+        raise ValueError(f"unknown model configuration {cfg}")
     net = ContextModel(width=cfg["width"], use_lstm=cfg["use_lstm"])
     state = net.state_dict()
-    for name, arr in arrays.items():
-        if name.startswith("tables."):
-            continue
+    needed = {k for k in state if k.endswith(_INTEGER_SUFFIXES)}
+    given = {k for k in arrays if not k.startswith("tables.")}
+    if needed != given:
+        raise ValueError(f"weights file arrays do not match the model: missing {sorted(needed - given)}, "
+                         f"unexpected {sorted(given - needed)}")
+    for name in given:
+        arr = arrays[name]
+        if tuple(arr.shape) != tuple(state[name].shape):
+            raise ValueError(f"array {name} has shape {arr.shape}, the model needs {tuple(state[name].shape)}")
         state[name] = torch.from_numpy(arr.astype(np.int64)).to(state[name].dtype)
     net.load_state_dict(state)
     net.eval()
@@ -119,6 +127,8 @@ def load_model(model_id: str, digest: bytes | None = None) -> LoadedModel:
             raise ModelNotFound(f"model {model_id!r} is not installed (installed: "
                                 f"{', '.join(available_models()) or 'none'})")
         m = read_weights(path.read_bytes())
+        if m.model_id != model_id:
+            raise ModelNotFound(f"weights file {path.name} holds model {m.model_id!r}, not {model_id!r}")
         if digest is not None and m.digest != digest:
             raise ModelNotFound(f"model {model_id!r} is installed with weights digest {m.digest.hex()[:16]}..., "
                                 f"but the data needs {digest.hex()[:16]}...")

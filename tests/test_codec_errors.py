@@ -209,3 +209,38 @@ def test_fuzz_mutated_frames(frame_and_bytes, data):
     except BitstreamError:
         return
     np.testing.assert_array_equal(out, img)   # only a no-op mutation (e.g. the pad byte) may decode
+
+
+def test_high_bit_other_than_bits_stored_minus_one_is_refused():
+    ds = make_dataset(smooth_image(8, 8, 12)[None], 16, 12)
+    ds.HighBit = 15
+    with pytest.raises(UnsupportedPixelData, match="High Bit 15"):
+        ds.compress(NNCodecLossless)
+    with pytest.raises(UnsupportedPixelData, match="High Bit 15"):
+        dicom_nncodec.compress(ds)
+
+
+@pytest.mark.parametrize("field,value", [("transform_mono", None), ("signed_colour", None), ("nl_zero", None)])
+def test_header_combinations_encoders_never_write(frame_and_bytes, field, value):
+    _, data = frame_and_bytes
+    h, payloads = B.unpack(data)
+    fields = dict(h.__dict__)
+    fields.pop("header_size")
+    if field == "transform_mono":
+        fields["transform"] = 1
+    elif field == "signed_colour":
+        fields.update(samples_per_pixel=3, signed=True)
+        payloads = payloads * 3
+    else:
+        fields.update(mode=B.MODE_NEAR_LOSSLESS, max_error=0)
+    with pytest.raises(BitstreamError, match="corrupt frame header"):
+        codec.decode_frame(B.pack(B.FrameHeader(**fields), payloads))
+
+
+def test_files_written_name_this_implementation(tmp_path):
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    dicom_nncodec.compress(ds)
+    dicom_nncodec.dataset.save(ds, tmp_path / "x.dcm")
+    meta = dcmread(tmp_path / "x.dcm").file_meta
+    assert meta.ImplementationClassUID == dicom_nncodec.IMPLEMENTATION_CLASS_UID
+    assert meta.ImplementationVersionName == dicom_nncodec.IMPLEMENTATION_VERSION_NAME

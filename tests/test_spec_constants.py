@@ -98,9 +98,9 @@ def test_frame_field_offsets_as_specified():
     model_id = "x" * 7
     digest = bytes(range(100, 132))
     payloads = [b"\x11" * 8, b"\x22" * 4, b"\x33" * 12]
-    h = B.FrameHeader(B.MODE_NEAR_LOSSLESS, 300, model_id, digest, 513, 1027, 3, 16, 12, False, 0, 0xDEADBEEF, ())
+    h = B.FrameHeader(B.MODE_NEAR_LOSSLESS, 200, model_id, digest, 513, 1027, 3, 16, 12, False, 0, 0xDEADBEEF, ())
     data = B.pack(h, payloads)
-    values = {"magic": B.MAGIC, "version": 1, "mode": 1, "max_error": 300, "model_id_len": 7,
+    values = {"magic": B.MAGIC, "version": 1, "mode": 1, "max_error": 200, "model_id_len": 7,
               "rows": 513, "columns": 1027, "samples_per_pixel": 3, "bits_allocated": 16, "bits_stored": 12,
               "pixel_representation": 0, "colour_transform": 0, "planes": 3, "pixel_crc": 0xDEADBEEF}
     pos = 0
