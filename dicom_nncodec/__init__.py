@@ -8,9 +8,10 @@ pydicom as pixel-data decoder and encoder, so that ``dcmread(f).pixel_array``,
 from __future__ import annotations
 
 from .errors import BitstreamError, ModelNotFound, NNCodecError, UnsupportedPixelData
-from .syntax import (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, LOSSY_METHOD, NNCodecLossless,
-                     NNCodecLossy, fix_association, fix_transfer_syntax)
+from .syntax import (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, LOSSY_METHOD, PRIVATE_SYNTAXES,
+                     NNCodecLossless, NNCodecLossy, fix_association, fix_transfer_syntax, registered)
 from ._register import register as _register
+from . import dataset
 from .dataset import compress, decompress
 
 __version__ = "1.0.0"
@@ -18,5 +19,6 @@ __version__ = "1.0.0"
 _register()
 
 __all__ = ["NNCodecLossless", "NNCodecLossy", "BitstreamError", "UnsupportedPixelData", "ModelNotFound",
-           "NNCodecError", "compress", "decompress", "fix_transfer_syntax", "fix_association",
+           "NNCodecError", "compress", "decompress", "dataset", "fix_transfer_syntax", "fix_association", "registered",
+           "PRIVATE_SYNTAXES",
            "IMPLEMENTATION_CLASS_UID", "IMPLEMENTATION_VERSION_NAME", "LOSSY_METHOD", "__version__"]

@@ -6,11 +6,16 @@ colour frame), which is what makes CPU and GPU fast.  Results never depend
 on the batch: every plane has its own range-coded stream and every number
 that reaches the coder is an integer computed exactly.
 
+Thread safety: encode and decode may run in several threads at once; models,
+networks and probability tables are shared read-only.
+
 Modes: lossless, and near-lossless with a guaranteed maximum absolute error
 ``max_error`` (residuals quantised with step 2*max_error+1, as JPEG-LS NEAR).
 """
 from __future__ import annotations
 
+import copy
+import threading
 import zlib
 from contextlib import nullcontext
 from typing import Iterable, Sequence
@@ -49,14 +54,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 _device_nets: dict[tuple[int, str], torch.nn.Module] = {}
+_device_nets_lock = threading.Lock()
 
 
 def _net_on(model: LoadedModel, dev: torch.device):
+    """The model's network on ``dev``.  Networks are only read during coding (all state lives in
+    PyramidRun), so one copy per device serves every thread."""
     key = (id(model), str(dev))
-    net = _device_nets.get(key)
-    if net is None:
-        net = model.net if dev.type == "cpu" else __import__("copy").deepcopy(model.net).to(dev)
-        _device_nets[key] = net
+    with _device_nets_lock:
+        net = _device_nets.get(key)
+        if net is None:
+            net = model.net if dev.type == "cpu" else copy.deepcopy(model.net).to(dev)
+            _device_nets[key] = net
     return net
 
 

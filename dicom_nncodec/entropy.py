@@ -109,11 +109,11 @@ class TableSet:
         return best
 
     def table(self, t: int):
+        # built at most once per table; a race only builds an identical model twice
         m = self._models.get(t)
         if m is None:
             f = self.freqs[self.offsets[t]:self.offsets[t + 1]].astype(np.float64)
-            m = constriction.stream.model.Categorical(f, perfect=False)
-            self._models[t] = m
+            m = self._models.setdefault(t, constriction.stream.model.Categorical(f, perfect=False))
         return m
 
     def zmax(self, t: int) -> int:
@@ -122,8 +122,7 @@ class TableSet:
     def uniform(self, size: int):
         m = self._uniform.get(size)
         if m is None:
-            m = constriction.stream.model.Uniform(size)
-            self._uniform[size] = m
+            m = self._uniform.setdefault(size, constriction.stream.model.Uniform(size))
         return m
 
 

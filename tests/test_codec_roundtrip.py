@@ -177,3 +177,16 @@ def test_lossy_attributes_are_appended_to_earlier_ones():
     dicom_nncodec.compress(ds, NNCodecLossy, max_error=1)
     assert values(ds, "LossyImageCompressionMethod") == ["ISO_10918_1", dicom_nncodec.LOSSY_METHOD]
     assert values(ds, "LossyImageCompressionRatio")[0] == "10"
+
+
+def test_concurrent_threads_give_identical_streams():
+    from concurrent.futures import ThreadPoolExecutor
+    imgs = [smooth_image(48, 40, 12, seed=s) for s in range(6)]
+    fmt = PixelFormat(48, 40, 1, 16, 12, False, "MONOCHROME2")
+    serial = [codec.encode_frame(i, fmt) for i in imgs]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda i: codec.encode_frame(i, fmt), imgs))
+        decoded = list(pool.map(lambda d: codec.decode_frame(d, fmt), parallel))
+    assert parallel == serial
+    for a, b in zip(decoded, imgs):
+        np.testing.assert_array_equal(a, b)

@@ -164,7 +164,8 @@ class PyramidRun:
         if self.model.use_lstm:
             b = self.model.lstm.bias(phase, self.h, self.integer)
             bias = P.resample(b, self.sizes, self.ctx_level, level + 1, average=False)
-        out = self.model.nets[phase](ctx.features, bias, self.integer)
+        feats = ctx.features.contiguous(memory_format=torch.channels_last) if self.integer else ctx.features
+        out = self.model.nets[phase](feats, bias, self.integer)
         maxv4 = (ctx.maxv * 4).view(-1, 1, 1)
         if self.integer:
             m, s = out[:, 0].long(), out[:, 1].long()

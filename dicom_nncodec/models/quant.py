@@ -70,6 +70,7 @@ class QConv(nn.Module):
         self.register_buffer("w_int", torch.zeros(cout, cin, k, k))
         self.register_buffer("b_int", torch.zeros(cout))
         self.register_buffer("e_int", torch.zeros(cout))
+        self._int_scale = None   # 2**(out_frac - in_frac - e), cached on first integer use
 
     # ---- training -------------------------------------------------------------------------
     def forward_qat(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,15 +105,22 @@ class QConv(nn.Module):
         self.w_int.copy_(w)
         self.b_int.copy_(b)
         self.e_int.copy_(e)
+        self._int_scale = None
 
     def forward_int(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        """x: float32 tensor of integers with |x| <= in_max.  Returns integers (float32)."""
-        acc = F.conv2d(x, self.w_int, self.b_int, padding=self.k // 2)
-        shift = (self.out_frac - self.in_frac) - self.e_int
-        y = torch.floor(acc * torch.pow(2.0, shift).view(1, -1, 1, 1))
+        """x: float32 tensor of integers with |x| <= in_max.  Returns integers (float32).
+
+        In-place steps after the convolution: every one is exact on integers (a power-of-two
+        scale, floor, add, max, clamp), so fusing or reordering them cannot change a result."""
+        y = F.conv2d(x, self.w_int, self.b_int, padding=self.k // 2)
+        scale = self._int_scale
+        if scale is None or scale.device != y.device:
+            shift = (self.out_frac - self.in_frac) - self.e_int
+            scale = self._int_scale = torch.pow(2.0, shift).view(1, -1, 1, 1).to(y.device)
+        y.mul_(scale).floor_()
         if add is not None:
-            y = y + add
+            y.add_(add)
         if self.act == "leaky":
-            # max(y, floor(y/8)) is y for y >= 0 and floor(y/8) for y < 0: one op, exact
-            y = torch.maximum(y, torch.floor(y * (1.0 / (1 << LEAKY_SHIFT))))
+            neg = torch.mul(y, 1.0 / (1 << LEAKY_SHIFT)).floor_()
+            torch.maximum(y, neg, out=y)
         return y.clamp_(-self.out_clamp, self.out_clamp)
