@@ -82,6 +82,14 @@ def compress(ds: Dataset, syntax=NNCodecLossless, *, max_error: int = 0, device=
 
     Lossless keeps every UID.  Near-lossless (``NNCodecLossy`` with
     ``max_error`` >= 1) sets the lossy attributes and a new SOP Instance UID."""
+    return compress_many([ds], syntax, max_error=max_error, device=device, batch_size=batch_size)[0]
+
+
+def compress_many(datasets: list[Dataset], syntax=NNCodecLossless, *, max_error: int = 0, device="auto",
+                  batch_size: int = codec.DEFAULT_BATCH) -> list[Dataset]:
+    """Compress several datasets in place; frames of datasets with the same pixel format go through
+    the network together (a series of single-frame CT slices codes as fast as one multi-frame object).
+    Each dataset's result is identical to compressing it alone."""
     syntax = registered(syntax)
     if syntax is None:
         raise ValueError("syntax must be NNCodecLossless or NNCodecLossy")
@@ -89,9 +97,21 @@ def compress(ds: Dataset, syntax=NNCodecLossless, *, max_error: int = 0, device=
         raise UnsupportedPixelData("NNCodecLossless is lossless only; use NNCodecLossy with max_error")
     if syntax == NNCodecLossy and max_error < 1:
         raise UnsupportedPixelData("NNCodecLossy needs max_error=N (1..255)")
-    fmt = PixelFormat.from_dataset(ds).validate()
-    frames = frames_of(ds)
-    encoded = codec.encode_frames(frames, fmt, max_error=max_error, device=device, batch_size=batch_size)
+    groups: dict[PixelFormat, list[tuple[Dataset, list[np.ndarray]]]] = {}
+    for ds in datasets:
+        fmt = PixelFormat.from_dataset(ds).validate()
+        groups.setdefault(fmt, []).append((ds, frames_of(ds)))
+    for fmt, items in groups.items():
+        frames = [f for _, fs in items for f in fs]
+        encoded = codec.encode_frames(frames, fmt, max_error=max_error, device=device, batch_size=batch_size)
+        pos = 0
+        for ds, fs in items:
+            _set_encoded(ds, fmt, syntax, encoded[pos:pos + len(fs)], max_error)
+            pos += len(fs)
+    return datasets
+
+
+def _set_encoded(ds: Dataset, fmt: PixelFormat, syntax, encoded: list[bytes], max_error: int) -> None:
     ds.PixelData = encapsulate(encoded)
     ds["PixelData"].is_undefined_length = True
     ds["PixelData"].VR = "OB"
@@ -104,7 +124,6 @@ def compress(ds: Dataset, syntax=NNCodecLossless, *, max_error: int = 0, device=
     ds._pixel_id = {}
     if max_error:
         apply_lossy_attributes(ds, compression_ratio(fmt, encoded))
-    return ds
 
 
 def compression_ratio(fmt: PixelFormat, encoded: list[bytes]) -> float:

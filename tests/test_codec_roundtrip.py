@@ -190,3 +190,10 @@ def test_concurrent_threads_give_identical_streams():
     assert parallel == serial
     for a, b in zip(decoded, imgs):
         np.testing.assert_array_equal(a, b)
+
+
+def test_compress_many_equals_one_by_one():
+    names = ["CT_small.dcm", "MR_small.dcm", "emri_small.dcm"]
+    alone = [dicom_nncodec.compress(dcmread(get_testdata_file(n))) for n in names]
+    together = dicom_nncodec.dataset.compress_many([dcmread(get_testdata_file(n)) for n in names] * 2)
+    assert [d.PixelData for d in together] == [d.PixelData for d in alone] * 2
