@@ -21,6 +21,8 @@ from pydicom.uid import UID
 SERVICES = ("echo", "store", "find", "get", "move")
 DUPLICATE_POLICIES = ("keep", "replace", "reject")
 DEVICES = ("auto", "cpu", "cuda")
+CLIENT_CERTIFICATES = ("none", "optional", "required")
+TLS_VERSIONS = ("1.2", "1.3")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MATCH_KEYS = ("modality", "sop_class", "calling_ae", "bits_stored", "photometric", "received_lossy")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")   # printable ASCII, no backslash
@@ -42,6 +44,18 @@ class Peer:
     host: str
     port: int
     allow: frozenset[str]
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class TLS:
+    """The DICOM TLS listener (``port`` None: none) and what outgoing TLS associations use."""
+    port: int | None
+    certificate: str
+    private_key: str
+    client_certificates: str
+    ca_certificates: str
+    minimum_version: str
 
 
 @dataclass(frozen=True)
@@ -57,7 +71,7 @@ class Rule:
 @dataclass(frozen=True)
 class Config:
     ae_title: str
-    port: int
+    port: int | None
     bind: str
     storage_path: str
     duplicates: str
@@ -80,7 +94,13 @@ class Config:
     dimse_timeout: float | None
     network_timeout: float | None
     max_find_results: int
+    max_instance_mb: int
+    max_pixels: int
     shutdown_grace_seconds: float
+    tls: TLS
+    commitment_same_association: bool
+    commitment_retry_seconds: float
+    commitment_give_up_hours: float
     log_level: str
     log_file: str
     pynetdicom_log_level: str
@@ -291,7 +311,7 @@ def _rule(v, path) -> Rule:
 
 
 def _peer(v, path) -> Peer:
-    v = _mapping(v, path, ("name", "ae_title", "host", "port", "allow"), required=("ae_title", "host", "port"))
+    v = _mapping(v, path, ("name", "ae_title", "host", "port", "allow", "tls"), required=("ae_title", "host", "port"))
     ae = _ae(v["ae_title"], f"{path}.ae_title")
     allow = v.get("allow", list(SERVICES))
     if not isinstance(allow, list):
@@ -299,13 +319,43 @@ def _peer(v, path) -> Peer:
     for i, s in enumerate(allow):
         _choice(s, f"{path}.allow[{i}]", SERVICES)
     return Peer(_str(v.get("name", ae), f"{path}.name") or ae, ae, _str(v["host"], f"{path}.host", empty=False),
-                _int(v["port"], f"{path}.port", 1, 65535), frozenset(allow))
+                _int(v["port"], f"{path}.port", 1, 65535), frozenset(allow), _bool(v.get("tls", False), f"{path}.tls"))
+
+
+def _file(v, path) -> str:
+    v = _str(v, path)
+    if v and not os.path.isfile(v):
+        raise ConfigError(path, f"no such file: {v}")
+    return v
+
+
+def _tls(t: dict, peers: tuple[Peer, ...]) -> TLS:
+    port = None if t.get("port") is None else _int(t.get("port"), "tls.port", 0, 65535)
+    version = t.get("minimum_version")
+    version = _choice(f"{version:.1f}" if isinstance(version, float) else version, "tls.minimum_version",
+                      TLS_VERSIONS)
+    out = TLS(port, _file(t.get("certificate"), "tls.certificate"), _file(t.get("private_key"), "tls.private_key"),
+              _choice(t.get("client_certificates"), "tls.client_certificates", CLIENT_CERTIFICATES),
+              _file(t.get("ca_certificates"), "tls.ca_certificates"), version)
+    if port is not None:
+        for key in ("certificate", "private_key"):
+            if not getattr(out, key):
+                raise ConfigError(f"tls.{key}", "is required when tls.port is set")
+        if out.client_certificates != "none" and not out.ca_certificates:
+            raise ConfigError("tls.ca_certificates", f"is required with client_certificates: {out.client_certificates}")
+    if bool(out.certificate) != bool(out.private_key):
+        raise ConfigError("tls.private_key" if out.certificate else "tls.certificate",
+                          "certificate and private_key go together")
+    for i, p in enumerate(peers):
+        if p.tls and port is None:
+            raise ConfigError(f"peers[{i}].tls", "needs the TLS listener (tls.port)")
+    return out
 
 
 def build(d: dict, source: str) -> Config:
     """A checked :class:`Config` from the merged mapping ``d``."""
-    st, ix, ac, co, rt, li, lg = (d["storage"], d["index"], d["access"], d["compression"], d["retrieve"],
-                                  d["limits"], d["logging"])
+    st, ix, ac, co, rt, li, lg, cm = (d["storage"], d["index"], d["access"], d["compression"], d["retrieve"],
+                                      d["limits"], d["logging"], d["commitment"])
     peers_in = d.get("peers") or []
     if not isinstance(peers_in, list):
         raise ConfigError("peers", "must be a list")
@@ -338,9 +388,13 @@ def build(d: dict, source: str) -> Config:
             make_url(url)
         except Exception as exc:
             raise ConfigError("index.url", f"not an SQLAlchemy database URL ({exc})") from None
+    tls = _tls(d["tls"], peers)
+    port = None if d["port"] is None else _int(d["port"], "port", 0, 65535)
+    if port is None and tls.port is None:
+        raise ConfigError("port", "may be null only when tls.port is set (the node needs a listener)")
     return Config(
         ae_title=_ae(d["ae_title"], "ae_title"),
-        port=_int(d["port"], "port", 0, 65535),
+        port=port,
         bind=_str(d["bind"], "bind", empty=False),
         storage_path=storage_path,
         duplicates=_choice(st.get("duplicates"), "storage.duplicates", DUPLICATE_POLICIES),
@@ -363,10 +417,16 @@ def build(d: dict, source: str) -> Config:
         dimse_timeout=_num(li.get("dimse_timeout"), "limits.dimse_timeout", 0.1, allow_none=True),
         network_timeout=_num(li.get("network_timeout"), "limits.network_timeout", 0.1, allow_none=True),
         max_find_results=_int(li.get("max_find_results"), "limits.max_find_results", 0),
+        max_instance_mb=_int(li.get("max_instance_mb"), "limits.max_instance_mb", 1),
+        max_pixels=_int(li.get("max_pixels"), "limits.max_pixels", 1),
         shutdown_grace_seconds=_num(li.get("shutdown_grace_seconds"), "limits.shutdown_grace_seconds", 0),
         log_level=_choice(str(lg.get("level")).upper(), "logging.level", LOG_LEVELS),
         log_file=_str(lg.get("file"), "logging.file"),
         pynetdicom_log_level=_choice(str(lg.get("pynetdicom_level")).upper(), "logging.pynetdicom_level", LOG_LEVELS),
+        tls=tls,
+        commitment_same_association=_bool(cm.get("same_association"), "commitment.same_association"),
+        commitment_retry_seconds=_num(cm.get("retry_seconds"), "commitment.retry_seconds", 0.1),
+        commitment_give_up_hours=_num(cm.get("give_up_hours"), "commitment.give_up_hours", 0),
         source=source,
     )
 
@@ -379,15 +439,28 @@ def resolved_index_url(cfg: Config) -> str:
 
 # --- the access policy -----------------------------------------------------------------------------
 
-def allowed(cfg: Config, calling_ae: str, service: str, address: str | None = None) -> bool:
+def allowed(cfg: Config, calling_ae: str, service: str, address: str | None = None, tls: bool | None = None) -> bool:
     """Orthanc's rule: a listed peer may use the services in its ``allow`` list;
-    anyone else those set to ``any`` under ``access``."""
+    anyone else those set to ``any`` under ``access``.  ``address`` and ``tls`` (how the caller
+    connected; None: not known) matter for :func:`impostor`, who gets nothing."""
     peer = cfg.peer_by_ae(calling_ae)
-    if peer is not None and cfg.check_peer_host and address is not None and not _host_matches(peer.host, address):
-        peer = None
     if peer is not None:
+        if impostor(cfg, peer, address, tls):
+            return False
         return service in peer.allow
     return cfg.access[service] == "any"
+
+
+def impostor(cfg: Config, peer: Peer, address: str | None, tls: bool | None) -> str:
+    """Why a caller using a listed peer's AE title is not that peer ("" when it may be): it
+    connected from another host (``access.check_peer_host``), or without TLS to a ``tls: true``
+    peer.  Such a caller is refused everything, also what strangers may do: it claims an
+    identity that the rules (and the stored Source AE Title) would trust."""
+    if cfg.check_peer_host and address is not None and not _host_matches(peer.host, address):
+        return f"connected from {address}, not from {peer.host}"
+    if peer.tls and tls is False:
+        return "connected without TLS (the peer is configured with tls: true)"
+    return ""
 
 
 def _host_matches(host: str, address: str) -> bool:

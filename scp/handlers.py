@@ -27,6 +27,7 @@ from . import query
 from .index import Index
 from .ingest import NOT_AUTHORISED, Ingest, Received
 from .retrieve import Retrieval, accepted_syntaxes
+from .transport import GuardedSocket, is_tls
 
 log = logging.getLogger("scp.association")
 
@@ -72,7 +73,15 @@ def on_requested(event, services: Services) -> None:
     assoc = event.assoc
     calling = str(assoc.requestor.primitive.calling_ae_title).strip()   # requestor.ae_title is set only later
     address = assoc.requestor.address
-    allowed = {s for s in C.SERVICES if C.allowed(services.cfg, calling, s, address)}
+    tls = is_tls(assoc)
+    peer = services.cfg.peer_by_ae(calling)
+    why = C.impostor(services.cfg, peer, address, tls) if peer is not None else ""
+    if why:
+        log.warning("association from %s@%s rejected: calling AE title of a listed peer, but %s", calling, address, why)
+        assoc.acse.send_reject(0x01, 0x01, 0x03)     # rejected-permanent, service-user, calling AE not recognised
+        assoc.kill()
+        return
+    allowed = {s for s in C.SERVICES if C.allowed(services.cfg, calling, s, address, tls)}
     keep = []
     for cx in assoc.acceptor.supported_contexts:
         service = SERVICE_OF.get(cx.abstract_syntax)
@@ -128,14 +137,22 @@ def handle_echo(event, services: Services) -> int:
 
 
 def handle_store(event, services: Services) -> int:
-    calling = event.assoc.requestor.ae_title.strip()
-    if not C.allowed(services.cfg, calling, "store", event.assoc.requestor.address):
-        log.warning("C-STORE from %s refused: not allowed to store", _peer(event.assoc))
+    assoc = event.assoc
+    calling = assoc.requestor.ae_title.strip()
+    sock = assoc.dul.socket
+    oversized = isinstance(sock, GuardedSocket) and sock.take_oversized()
+    if not C.allowed(services.cfg, calling, "store", assoc.requestor.address, is_tls(assoc)):
+        log.warning("C-STORE from %s refused: not allowed to store", _peer(assoc))
         return NOT_AUTHORISED
     req = event.request
-    status = services.ingest.store(Received(event.encoded_dataset(include_meta=False), event.context.transfer_syntax,
-                                            req.AffectedSOPClassUID, req.AffectedSOPInstanceUID, calling))
-    services.count(event.assoc, "stored" if status == 0 else "store-failed")
+    data = req.DataSet.getbuffer()          # the received bytes themselves, not a copy
+    try:
+        status = services.ingest.store(Received(data, event.context.transfer_syntax, str(req.AffectedSOPClassUID or ""),
+                                                str(req.AffectedSOPInstanceUID or ""), calling,
+                                                str(event.context.abstract_syntax), oversized))
+    finally:
+        data.release()
+    services.count(assoc, "stored" if status == 0 else "store-failed")
     return status
 
 

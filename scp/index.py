@@ -221,9 +221,17 @@ _SKIP_VRS = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ"}
 
 def header_json(ds) -> str:
     """The instance's top-level attributes that a C-FIND may be asked to return."""
+    from pydicom.dataelem import RawDataElement
     from pydicom.dataset import Dataset
     small = Dataset()
-    for elem in ds:
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and raw.value is None:     # deferred (large): never returned
+            continue
+        try:
+            elem = ds[tag]
+        except Exception:
+            continue
         if elem.tag.group in (0x0002, 0x7FE0) or elem.VR in _SKIP_VRS or elem.tag.is_private:
             continue
         try:
@@ -238,10 +246,25 @@ def header_json(ds) -> str:
         return "{}"
 
 
+def _int32(v) -> int | None:
+    n = _to_int(v)
+    return n if n is not None and -2**31 <= n < 2**31 else None
+
+
+def _clip(facts: "InstanceFacts") -> "InstanceFacts":
+    """Text cut to the index's column sizes (values longer than their VR allows would otherwise fail
+    the insert on PostgreSQL, again on every retry of the sender)."""
+    for name, size in _TEXT_COLUMNS.items():
+        value = getattr(facts, name)
+        if len(value) > size:
+            setattr(facts, name, value[:size])
+    return facts
+
+
 def facts_from_dataset(ds, transfer_syntax: str) -> InstanceFacts:
     """Index facts from a dataset read without its pixel data (an image is what has Rows and Columns)."""
     image = "Rows" in ds and "Columns" in ds
-    return InstanceFacts(
+    return _clip(InstanceFacts(
         patient_id=_text(ds, "PatientID"), patient_name=_text(ds, "PatientName"),
         birth_date=normalise_date(_text(ds, "PatientBirthDate")), sex=_text(ds, "PatientSex"),
         study_uid=_text(ds, "StudyInstanceUID"), study_date=normalise_date(_text(ds, "StudyDate")),
@@ -249,16 +272,24 @@ def facts_from_dataset(ds, transfer_syntax: str) -> InstanceFacts:
         study_id=_text(ds, "StudyID"), study_description=_text(ds, "StudyDescription"),
         referring_physician=_text(ds, "ReferringPhysicianName"),
         series_uid=_text(ds, "SeriesInstanceUID"), modality=_text(ds, "Modality").upper(),
-        series_number=_to_int(ds.get("SeriesNumber")), series_description=_text(ds, "SeriesDescription"),
+        series_number=_int32(ds.get("SeriesNumber")), series_description=_text(ds, "SeriesDescription"),
         series_date=normalise_date(_text(ds, "SeriesDate")), series_time=normalise_time(_text(ds, "SeriesTime")),
         body_part=_text(ds, "BodyPartExamined"),
         sop_uid=_text(ds, "SOPInstanceUID"), sop_class_uid=_text(ds, "SOPClassUID"),
-        instance_number=_to_int(ds.get("InstanceNumber")),
-        rows=_to_int(ds.get("Rows")) or 0, columns=_to_int(ds.get("Columns")) or 0,
-        frames=_to_int(ds.get("NumberOfFrames", 1)) or 1,
-        bits_stored=_to_int(ds.get("BitsStored", ds.get("BitsAllocated", 0))) or 0,
+        instance_number=_int32(ds.get("InstanceNumber")),
+        rows=_int32(ds.get("Rows")) or 0, columns=_int32(ds.get("Columns")) or 0,
+        frames=_int32(ds.get("NumberOfFrames", 1)) or 1,
+        bits_stored=_int32(ds.get("BitsStored", ds.get("BitsAllocated", 0))) or 0,
         photometric=_text(ds, "PhotometricInterpretation").upper(),
-        transfer_syntax=str(transfer_syntax), is_image=image, header=header_json(ds))
+        transfer_syntax=str(transfer_syntax), is_image=image, header=header_json(ds)))
+
+
+_TEXT_COLUMNS = {
+    "patient_id": 64, "patient_name": 324, "birth_date": 16, "sex": 16, "study_uid": 64, "study_date": 16,
+    "study_time": 32, "accession_number": 64, "study_id": 64, "study_description": 256, "referring_physician": 324,
+    "series_uid": 64, "modality": 16, "series_description": 256, "series_date": 16, "series_time": 32,
+    "body_part": 64, "sop_uid": 64, "sop_class_uid": 64, "photometric": 32, "transfer_syntax": 64,
+}
 
 
 class Index:

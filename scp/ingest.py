@@ -4,50 +4,47 @@ Why this order: the sender is told Success only after the file is on disk
 (fsynced, atomically renamed) and the index transaction that makes it
 findable (and queues its compression) has committed.  The dataset is stored
 exactly as it arrived on the wire, behind File Meta Information written by
-this implementation; only the header is parsed here, never the pixels.
+this implementation.  It is staged in tmp/ first and checked there
+(:mod:`scp.checks`: UIDs, SOP class, pixel data against its description,
+private frames' checksums) so that nothing refused ever reaches objects/ and
+no second copy of a large data set is held in memory; the pixels are never
+decoded here.  A failure to write (a full disk, a read-only or unwritable
+folder, an index that cannot commit) is answered A700: the sender may retry,
+and what was stored before is untouched.
 """
 from __future__ import annotations
 
-import io
+import errno
 import logging
-import re
+import zlib
 from dataclasses import dataclass
 
-from pydicom import dcmread
+import pydicom.uid as U
 from pydicom.dataset import FileMetaDataset
 from pynetdicom.dsutils import encode_file_meta
 
 import dicom_nncodec
 
+from . import checks, faults
+from .checks import (CANNOT_UNDERSTAND, DUPLICATE, NOT_AUTHORISED, OUT_OF_RESOURCES, SUCCESS,  # noqa: F401
+                     StoreRefused)
 from .config import Config
 from .index import COMPRESSED, NOT_IMAGE, PENDING, Index, facts_from_dataset
 from .storage import Storage
 
 log = logging.getLogger("scp.ingest")
 
-SUCCESS = 0x0000
-DUPLICATE = 0x0111           # Failure: Duplicate SOP Instance (duplicates: reject)
-NOT_AUTHORISED = 0x0124
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
-
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
 
 @dataclass
 class Received:
     """One C-STORE request as the handler hands it over."""
-    dataset: bytes            # the encoded dataset exactly as received
+    dataset: bytes | memoryview   # the encoded dataset exactly as received
     transfer_syntax: str      # of the presentation context
     sop_class_uid: str        # Affected SOP Class UID of the request
     sop_instance_uid: str     # Affected SOP Instance UID of the request
     calling_ae: str
-
-
-class StoreRefused(Exception):
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
+    context_class: str | None = None   # the presentation context's abstract syntax
+    oversized: bool = False   # the data set went past limits.max_instance_mb and was cut
 
 
 def file_meta(rx: Received) -> FileMetaDataset:
@@ -62,13 +59,26 @@ def file_meta(rx: Received) -> FileMetaDataset:
     return fm
 
 
-def _check_uid(ds, keyword: str) -> str:
-    value = str(ds.get(keyword, "") or "").strip()
-    if not value:
-        raise StoreRefused(CANNOT_UNDERSTAND, f"{keyword} is missing")
-    if len(value) > 64 or not _UID.match(value):
-        raise StoreRefused(CANNOT_UNDERSTAND, f"{keyword} is not a valid UID")
-    return value
+def _inflated_size(data, limit: int) -> int:
+    """Bytes a deflated data set inflates to, counting stops past ``limit`` (pydicom inflates it all
+    into memory: a small message must not become gigabytes).  Damaged data counts as 0: parsing
+    refuses it next."""
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    view, total = memoryview(data), 0
+    try:
+        for pos in range(0, len(view), 65536):
+            chunk = bytes(view[pos:pos + 65536])
+            while chunk and not d.eof and total <= limit:
+                out = d.decompress(chunk, 65536)
+                total += len(out)
+                if not out and d.unconsumed_tail == chunk:
+                    return total            # no progress: damaged; parsing decides
+                chunk = d.unconsumed_tail
+            if d.eof or total > limit:
+                break
+    except zlib.error:
+        return 0
+    return total
 
 
 class Ingest:
@@ -80,51 +90,67 @@ class Ingest:
         try:
             return self._store(rx)
         except StoreRefused as exc:
-            log.warning("C-STORE of %s from %s refused (0x%04X): %s", rx.sop_instance_uid, rx.calling_ae,
+            log.warning("C-STORE of %s from %s refused (0x%04X): %s", _shown(rx.sop_instance_uid), rx.calling_ae,
                         exc.status, exc)
             if exc.status != DUPLICATE:
-                self.index.record_failure("store", rx.sop_instance_uid, str(exc))
+                self.index.record_failure("store", _shown(rx.sop_instance_uid), str(exc))
             return exc.status
         except Exception as exc:
-            log.error("C-STORE of %s from %s failed: %s: %s", rx.sop_instance_uid, rx.calling_ae,
-                      type(exc).__name__, exc)
-            self.index.record_failure("store", rx.sop_instance_uid, f"{type(exc).__name__}: {exc}")
+            reason = _os_reason(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+            log.error("C-STORE of %s from %s failed (0xA700, the sender may retry): %s", _shown(rx.sop_instance_uid),
+                      rx.calling_ae, reason)
+            self.index.record_failure("store", _shown(rx.sop_instance_uid), reason)
             return OUT_OF_RESOURCES
 
     def _store(self, rx: Received) -> int:
-        if self.cfg.min_free_mb and self.storage.free_mb() < self.cfg.min_free_mb:
-            raise StoreRefused(OUT_OF_RESOURCES, f"less than {self.cfg.min_free_mb} MB free in the storage folder")
-        meta = file_meta(rx)
-        content = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), rx.dataset))
-        try:
-            ds = dcmread(io.BytesIO(content), stop_before_pixels=True)
-        except Exception as exc:
-            raise StoreRefused(CANNOT_UNDERSTAND, f"the dataset cannot be parsed: {exc}") from None
-        sop_uid = _check_uid(ds, "SOPInstanceUID")
-        if sop_uid != rx.sop_instance_uid.strip():
-            raise StoreRefused(CANNOT_UNDERSTAND, "SOP Instance UID differs from the request's")
-        _check_uid(ds, "StudyInstanceUID")
-        _check_uid(ds, "SeriesInstanceUID")
-        policy = self.cfg.duplicates
-        if policy != "replace" and self.index.existing(sop_uid) is not None:
+        checks.check_request(rx.sop_class_uid, rx.sop_instance_uid, rx.context_class)
+        limit = self.cfg.max_instance_mb * 2**20
+        if rx.oversized or len(rx.dataset) > limit:
+            raise StoreRefused(OUT_OF_RESOURCES, f"the data set is larger than limits.max_instance_mb "
+                                                 f"({self.cfg.max_instance_mb} MB)")
+        sop_uid = rx.sop_instance_uid.strip()
+        if self.cfg.duplicates != "replace" and self.index.existing(sop_uid) is not None:
             return self._duplicate(sop_uid, rx)
-        facts = facts_from_dataset(ds, meta.TransferSyntaxUID)
+        if self.cfg.min_free_mb and self.storage.free_mb() - len(rx.dataset) / 2**20 < self.cfg.min_free_mb:
+            raise StoreRefused(OUT_OF_RESOURCES, f"less than {self.cfg.min_free_mb} MB would be left free in the "
+                                                 "storage folder (storage.min_free_mb)")
+        meta = file_meta(rx)
+        if meta.TransferSyntaxUID == U.DeflatedExplicitVRLittleEndian and _inflated_size(rx.dataset, limit) > limit:
+            raise StoreRefused(OUT_OF_RESOURCES, "the deflated data set inflates to more than limits.max_instance_mb")
+        staged = self.storage.stage((b"\x00" * 128, b"DICM", encode_file_meta(meta), rx.dataset))
+        try:
+            ds = checks.read_header(staged.path)
+            checks.check_identity(ds, rx.sop_class_uid, sop_uid)
+            checks.check_pixel_data(ds, meta.TransferSyntaxUID, self.cfg.max_pixels)
+            try:
+                facts = facts_from_dataset(ds, meta.TransferSyntaxUID)
+            except Exception as exc:
+                raise StoreRefused(CANNOT_UNDERSTAND, f"attributes cannot be read: {type(exc).__name__}: {exc}") \
+                    from None
+            faults.point("ingest.staged")
+            path = staged.commit()
+        except BaseException:
+            staged.discard()
+            raise
+        faults.point("ingest.renamed")
+        policy = self.cfg.duplicates
         if not facts.is_image:
             state = NOT_IMAGE
         elif meta.TransferSyntaxUID == dicom_nncodec.NNCodecLossless:
             state = COMPRESSED
         else:
             state = PENDING
-        path, size = self.storage.write(content)
         try:
-            result = self.index.add(facts, path, size, rx.calling_ae, policy, state)
+            result = self.index.add(facts, path, staged.size, rx.calling_ae, policy, state)
         except BaseException:
             self.storage.remove(path)
             raise
+        faults.point("ingest.indexed")
         if result.outcome in ("kept_existing", "rejected"):      # a copy arrived on another association meanwhile
             self.storage.remove(path)
             return self._duplicate(sop_uid, rx)
         if result.superseded_path:
+            faults.point("ingest.replaced")
             self.storage.remove(result.superseded_path)
             log.info("replaced %s with a new copy from %s", sop_uid, rx.calling_ae)
         if result.queued:
@@ -136,3 +162,17 @@ class Ingest:
             raise StoreRefused(DUPLICATE, "this SOP Instance UID is already stored (duplicates: reject)")
         log.info("%s from %s is already stored: new copy discarded (duplicates: keep)", sop_uid, rx.calling_ae)
         return SUCCESS
+
+
+def _shown(uid) -> str:
+    """A received UID as it may appear in a log line or the failure table (a hostile one is cut and escaped)."""
+    text = str(uid or "").strip()
+    return text if checks.valid_uid(text) else repr(text[:64])
+
+
+def _os_reason(exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the storage file system is full ({exc.strerror})"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"the storage folder cannot be written ({exc.strerror})"
+    return f"{type(exc).__name__}: {exc}"

@@ -35,6 +35,7 @@ from .ingest import Ingest
 from .retrieve import Retrieval
 from .storage import Storage
 from .transcode import get_syntaxes, storage_syntaxes
+from .transport import server_context, start_listener
 
 log = logging.getLogger("scp.node")
 
@@ -48,6 +49,13 @@ def check_device(device: str) -> None:
         import torch
         if not torch.cuda.is_available():
             raise C.ConfigError("compression.device", "cuda was asked for, but no CUDA device is available")
+
+
+def check_startup(cfg: C.Config) -> None:
+    """What the configuration needs from this machine (a CUDA device, usable TLS files)."""
+    check_device(cfg.device)
+    if cfg.tls.port is not None:
+        server_context(cfg.tls)
 
 
 def build_ae(cfg: C.Config) -> AE:
@@ -80,15 +88,23 @@ class Node:
         self.services = Services(cfg, self.index, Ingest(cfg, self.index, self.storage, self.compressor.wake),
                                  Retrieval(cfg, self.index, self.storage), get_syntaxes(cfg.retrieve_syntaxes))
         self.ae: AE | None = None
-        self.server = None
+        self.server = None          # the plain listener (None with port: null)
+        self.tls_server = None
 
     @property
-    def port(self) -> int:
-        """The port listened on (the real one when the configuration says 0)."""
+    def port(self) -> int | None:
+        """The plain port listened on (the real one when the configuration says 0)."""
         return self.server.server_address[1] if self.server else self.cfg.port
 
+    @property
+    def tls_port(self) -> int | None:
+        return self.tls_server.server_address[1] if self.tls_server else self.cfg.tls.port
+
+    def _servers(self) -> list:
+        return [s for s in (self.server, self.tls_server) if s is not None]
+
     def start(self) -> "Node":
-        check_device(self.cfg.device)
+        check_startup(self.cfg)
         self.storage.prepare()
         self.index.create()
         recovered = self.index.recover_queue()
@@ -97,23 +113,33 @@ class Node:
         self.compressor.start()
         self.ae = build_ae(self.cfg)
         try:
-            self.server = self.ae.start_server((self.cfg.bind, self.cfg.port), block=False,
-                                               evt_handlers=bindings(self.services))
+            if self.cfg.port is not None:
+                self.server = start_listener(self.ae, self.cfg, self.cfg.port, bindings(self.services), tls=False)
+            if self.cfg.tls.port is not None:
+                self.tls_server = start_listener(self.ae, self.cfg, self.cfg.tls.port, bindings(self.services),
+                                                 tls=True)
         except BaseException:
+            for server in self._servers():
+                server.shutdown()
+            self.server = self.tls_server = None
             self.compressor.stop(0)
             raise
-        log.info("node %s listening on %s:%d (storage %s, %d compression workers, device %s, queue %d)",
-                 self.cfg.ae_title, self.cfg.bind, self.port, os.path.abspath(self.cfg.storage_path),
+        ports = ", ".join(f"{name} {self.cfg.bind}:{port}" for name, port in (("plain", self.port), ("TLS", self.tls_port))
+                          if port is not None)
+        log.info("node %s listening on %s (storage %s, %d compression workers, device %s, queue %d)",
+                 self.cfg.ae_title, ports, os.path.abspath(self.cfg.storage_path),
                  self.cfg.workers, self.cfg.device, self.index.queue_length())
         return self
 
     def stop(self, grace: float | None = None) -> None:
         grace = self.cfg.shutdown_grace_seconds if grace is None else grace
         deadline = time.monotonic() + grace
-        if self.server is not None:
-            server, self.server = self.server, None
-            running = server.active_associations
-            server.shutdown()          # no new associations from here on
+        servers = self._servers()
+        if servers:
+            self.server = self.tls_server = None
+            running = [a for server in servers for a in server.active_associations]
+            for server in servers:
+                server.shutdown()      # no new associations from here on
             # one still negotiating (or a bare TCP probe, which pynetdicom only notices after
             # acse_timeout) has no work in flight: it is not waited for
             running = [a for a in running if a.is_established]
@@ -157,7 +183,7 @@ def serve(config_path: str | None) -> int:
     """Run the node in the foreground until SIGINT/SIGTERM; 2 on a configuration error."""
     try:
         cfg = C.load(config_path)
-        check_device(cfg.device)
+        check_startup(cfg)
     except C.ConfigError as exc:
         print(f"dicom-nncodec: configuration error: {exc}", file=sys.stderr)
         return 2

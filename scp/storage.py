@@ -8,6 +8,13 @@ name) ever becomes part of a path, and a replaced or re-compressed instance
 gets a new file that the index switches to in one transaction; the old file
 is removed only after that commit.  The index stores paths relative to the
 storage root, so the folder can be moved.
+
+A received data set is first *staged* (written to tmp/ and checked there, so
+no copy of it is held in memory) and only *committed* (fsynced and renamed
+into objects/) once it passed its checks.  Whatever a crash leaves in tmp/ was
+never acknowledged and is removed at the next start.  A running node holds a
+shared lock on ``node.lock``; ``fsck --repair`` takes it exclusively, so it
+never rearranges files under a running node.
 """
 from __future__ import annotations
 
@@ -15,18 +22,67 @@ import logging
 import os
 import shutil
 import uuid
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterable
+
+try:
+    import fcntl
+except ImportError:          # (not on Windows: no lock there)
+    fcntl = None
 
 log = logging.getLogger("scp.storage")
 
 OBJECTS = "objects"
 TEMP = "tmp"
+LOCK = "node.lock"
+
+Content = bytes | Iterable[bytes] | Callable[[BinaryIO], None]
+
+
+class Locked(Exception):
+    """Another process holds the storage folder's lock (a running node, or fsck --repair)."""
+
+
+class Staged:
+    """A file written to tmp/ but not yet part of the storage: :meth:`commit` or :meth:`discard` it."""
+
+    def __init__(self, storage: "Storage", path: str, size: int):
+        self.storage, self.path, self.size = storage, path, size
+
+    def commit(self) -> str:
+        """fsync, rename into objects/ under a new random name, fsync the folders; the relative path."""
+        return self.storage._commit(self)
+
+    def discard(self) -> None:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
 
 
 class Storage:
     def __init__(self, root: str, fsync: bool = True):
         self.root = os.path.abspath(root)
         self.fsync = fsync
+        self._lock_fd: int | None = None
+
+    def lock(self, exclusive: bool = False) -> None:
+        """Hold the storage lock until :meth:`unlock` (shared: nodes; exclusive: fsck --repair).
+        Raises :class:`Locked` when it cannot be had at once."""
+        if fcntl is None or self._lock_fd is not None:
+            return
+        os.makedirs(self.root, exist_ok=True)
+        fd = os.open(os.path.join(self.root, LOCK), os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise Locked(f"{self.root} is in use by a running node or fsck --repair") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def prepare(self) -> None:
         """Create the folders and drop temporary files a crash left behind."""
@@ -45,42 +101,56 @@ class Storage:
             raise ValueError("stored path escapes the storage folder")
         return full
 
-    def write(self, content: bytes | Callable[[BinaryIO], None]) -> tuple[str, int]:
+    def write(self, content: Content) -> tuple[str, int]:
         """Write a new file durably; returns (relative path, size).
 
-        ``content`` is the bytes, or a function writing them to a file object."""
-        name = uuid.uuid4().hex
-        tmp = os.path.join(self.root, TEMP, name + ".part")
-        rel = os.path.join(OBJECTS, name[:2], name[2:4], name + ".dcm")
-        final = os.path.join(self.root, rel)
+        ``content`` is the bytes, a sequence of byte strings, or a function writing to a file object."""
+        staged = self.stage(content)
+        try:
+            return staged.commit(), staged.size
+        except BaseException:
+            staged.discard()
+            raise
+
+    def stage(self, content: Content) -> Staged:
+        """Write ``content`` to a new file in tmp/ (not yet durable, not yet in objects/)."""
+        tmp = os.path.join(self.root, TEMP, uuid.uuid4().hex + ".part")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             with os.fdopen(fd, "wb") as f:
                 if callable(content):
                     content(f)
-                else:
+                elif isinstance(content, (bytes, bytearray, memoryview)):
                     f.write(content)
+                else:
+                    for part in content:
+                        f.write(part)
                 f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
                 size = f.tell()
-            folder = os.path.dirname(final)
-            created = not os.path.isdir(folder)
-            os.makedirs(folder, exist_ok=True)
-            os.replace(tmp, final)
-            if self.fsync:
-                _fsync_dir(folder)
-                if created:
-                    _fsync_dir(os.path.dirname(folder))
-                    _fsync_dir(os.path.dirname(os.path.dirname(folder)))
         except BaseException:
-            for p in (tmp,):
-                try:
-                    os.unlink(p)
-                except OSError:
-                    pass
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
             raise
-        return rel, size
+        return Staged(self, tmp, size)
+
+    def _commit(self, staged: Staged) -> str:
+        name = uuid.uuid4().hex
+        rel = os.path.join(OBJECTS, name[:2], name[2:4], name + ".dcm")
+        final = os.path.join(self.root, rel)
+        if self.fsync:
+            _fsync_file(staged.path)
+        folder = os.path.dirname(final)
+        created = not os.path.isdir(folder)
+        os.makedirs(folder, exist_ok=True)
+        os.replace(staged.path, final)
+        if self.fsync:
+            _fsync_dir(folder)
+            if created:
+                _fsync_dir(os.path.dirname(folder))
+                _fsync_dir(os.path.dirname(os.path.dirname(folder)))
+        return rel
 
     def remove(self, rel: str | None) -> None:
         """Remove a file that the index no longer points to (missing is fine)."""
@@ -95,6 +165,14 @@ class Storage:
 
     def free_mb(self) -> float:
         return shutil.disk_usage(self.root).free / 2**20
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:

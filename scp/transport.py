@@ -1,0 +1,218 @@
+"""The node's listeners: TLS, timeouts on every socket, and limits on what a peer may send.
+
+Why not pynetdicom's own server as it is: it performs the TLS handshake in the
+thread that accepts connections, with no timeout, so one client that connects
+and says nothing stops every other client from getting in; the sockets it
+accepts have no timeout, so a peer that stops in the middle of a PDU holds its
+association (and one of ``limits.max_associations``) for ever; and it reads a
+PDU of any announced length into memory.  Here each connection gets its own
+thread for the handshake (bounded by ``acse_timeout``), its socket a timeout
+(``network_timeout``), and its reads two limits: a PDU longer than
+``max_pdu_size`` closes the connection, and data-set bytes beyond
+``max_instance_mb`` in one message are dropped as they arrive (the message still
+completes, and the C-STORE handler answers A700 for it).  pynetdicom is pinned
+to 3.0.x; the two names used from its internals are ``AssociationSocket.recv``
+(called with 6, then with the PDU length) and the request handler's
+``_create_association``.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import struct
+import threading
+from datetime import datetime
+
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from . import config as C
+
+log = logging.getLogger("scp.transport")
+
+P_DATA_TF = 0x04
+OTHER_PDU_LIMIT = 1 << 20      # A-ASSOCIATE-RQ with many contexts stays far below this
+PDU_SLACK = 64                 # implementations differ on whether the limit counts PDV item headers
+
+
+# --- TLS ------------------------------------------------------------------------------------------
+
+def _base_context(purpose: ssl.Purpose, tls: C.TLS) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.minimum_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    # BCP 195: forward-secret AEAD suites only for TLS 1.2 (TLS 1.3 suites are all of that kind)
+    ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20")
+    return ctx
+
+
+def server_context(tls: C.TLS) -> ssl.SSLContext:
+    """The TLS listener's context; a file that cannot be used stops start-up naming its key."""
+    ctx = _base_context(ssl.Purpose.CLIENT_AUTH, tls)
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        ctx.load_cert_chain(tls.certificate, tls.private_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise C.ConfigError("tls.certificate", f"cannot use the certificate and private key ({exc})") from None
+    if tls.client_certificates != "none":
+        try:
+            ctx.load_verify_locations(tls.ca_certificates)
+        except (OSError, ssl.SSLError) as exc:
+            raise C.ConfigError("tls.ca_certificates", f"cannot use the CA certificates ({exc})") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.client_certificates == "required" else ssl.CERT_OPTIONAL
+    return ctx
+
+
+def client_context(tls: C.TLS) -> ssl.SSLContext:
+    """For associations this node opens to a ``tls: true`` peer: the peer's certificate must chain to
+    ``tls.ca_certificates`` and name its host; this node's own certificate is presented."""
+    ctx = _base_context(ssl.Purpose.SERVER_AUTH, tls)
+    try:
+        if tls.ca_certificates:
+            ctx.load_verify_locations(tls.ca_certificates)
+        if tls.certificate:
+            ctx.load_cert_chain(tls.certificate, tls.private_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise C.ConfigError("tls", f"cannot use the TLS files for outgoing associations ({exc})") from None
+    return ctx
+
+
+def tls_args(cfg: C.Config, peer: C.Peer) -> dict:
+    """``associate()`` keyword arguments for an association this node opens to ``peer``."""
+    return {"tls_args": (client_context(cfg.tls), peer.host)} if peer.tls else {}
+
+
+def is_tls(assoc) -> bool:
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    return isinstance(sock, ssl.SSLSocket)
+
+
+# --- limits on what is read -------------------------------------------------------------------------
+
+class GuardedSocket(AssociationSocket):
+    """An acceptor's socket that enforces the PDU and data-set limits while reading."""
+
+    pdu_limit: int
+    dataset_limit: int
+
+    def guard(self, pdu_limit: int, dataset_limit: int) -> None:
+        self.pdu_limit, self.dataset_limit = pdu_limit, dataset_limit
+        self._body: bytearray | None = None
+        self._dataset_bytes = 0       # data-set bytes of the message being received
+        self.oversized = False        # the message's data set went past the limit (read by the handler)
+
+    def take_oversized(self) -> bool:
+        """True once after a message whose data set was cut (the C-STORE handler asks)."""
+        was, self.oversized = self.oversized, False
+        return was
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self._body is not None:               # the body of a PDU already read and checked
+            body, self._body = self._body, None
+            return body
+        header = super().recv(nr_bytes)
+        if nr_bytes != 6 or len(header) != 6:
+            return header
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        limit = self.pdu_limit if pdu_type == P_DATA_TF else OTHER_PDU_LIMIT
+        if limit and length > limit:
+            log.warning("closing the connection from %s: it sent a PDU of %d bytes (limit %d, limits.max_pdu_size)",
+                        self.assoc.requestor.address, length, limit)
+            return bytearray()                   # pynetdicom treats a short header as a closed connection
+        if pdu_type != P_DATA_TF:
+            return header
+        body = super().recv(length)
+        if len(body) == length:
+            body = self._cap_datasets(body)
+        self._body = body
+        return bytearray(struct.pack(">BBL", pdu_type, 0, len(body)))
+
+    def _cap_datasets(self, body: bytearray) -> bytearray:
+        """The P-DATA-TF body with data-set fragment bytes past the limit left out (items kept)."""
+        out, pos, changed = bytearray(), 0, False
+        while pos + 6 <= len(body):
+            item_len = struct.unpack_from(">L", body, pos)[0]
+            end = pos + 4 + item_len
+            if item_len < 2 or end > len(body):
+                return body                      # malformed: let pynetdicom refuse it
+            control = body[pos + 5]
+            if control & 1:                      # command fragment: a new message starts
+                self._dataset_bytes = 0
+                out += body[pos:end]
+            else:
+                n = item_len - 2
+                if self._dataset_bytes + n > self.dataset_limit:
+                    if not self.oversized:
+                        log.warning("data set from %s is larger than limits.max_instance_mb: the rest is discarded",
+                                    self.assoc.requestor.address)
+                    self.oversized, changed = True, True
+                    out += struct.pack(">L", 2) + body[pos + 4:pos + 6]
+                else:
+                    out += body[pos:end]
+                self._dataset_bytes += n
+                if control & 2:                  # last fragment of the data set
+                    self._dataset_bytes = 0
+            pos = end
+        return out if changed else body
+
+
+class _Handler(RequestHandler):
+    def _create_association(self):
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        sock.__class__ = GuardedSocket           # (constructing a second socket would queue a second Evt5)
+        sock.guard(*self.server.limits)
+        return assoc
+
+
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the handshake moved into the connection's own thread."""
+
+    def __init__(self, *args, tls_context: ssl.SSLContext | None = None, limits=(0, 0), handshake_timeout=None,
+                 network_timeout=None, **kwargs):
+        self.tls_context, self.limits = tls_context, limits
+        self.handshake_timeout, self.network_timeout = handshake_timeout, network_timeout
+        super().__init__(*args, request_handler=_Handler, **kwargs)
+
+    def get_request(self):
+        assert self.socket is not None
+        return self.socket.accept()
+
+    def finish_request(self, request, client_address) -> None:
+        try:
+            request.settimeout(self.handshake_timeout)
+            if self.tls_context is not None:
+                request = self.tls_context.wrap_socket(request, server_side=True)
+            request.settimeout(self.network_timeout)
+        except (OSError, ValueError) as exc:
+            log.warning("TLS connection from %s refused: %s", client_address[0], _reason(exc))
+            _close(request)
+            return
+        super().finish_request(request, client_address)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, socket.timeout):
+        return "no TLS handshake within limits.acse_timeout"
+    return getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+
+
+def _close(sock) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def start_listener(ae, cfg: C.Config, port: int, handlers: list, tls: bool) -> NodeServer:
+    """A running listener on ``cfg.bind``:``port`` (TLS when ``tls``) serving ``ae``'s contexts."""
+    limits = (cfg.max_pdu_size + PDU_SLACK if cfg.max_pdu_size else cfg.max_instance_mb * 2**20 + PDU_SLACK,
+              cfg.max_instance_mb * 2**20)
+    server = ae.make_server((cfg.bind, port), evt_handlers=handlers, server_class=NodeServer,
+                            tls_context=server_context(cfg.tls) if tls else None, limits=limits,
+                            handshake_timeout=cfg.acse_timeout, network_timeout=cfg.network_timeout)
+    stamp = datetime.now().strftime("%Y%m%d%H%M%S")
+    thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}", daemon=True)
+    thread.start()
+    ae._servers.append(server)
+    return server
+
