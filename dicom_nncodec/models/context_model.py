@@ -71,13 +71,36 @@ class ContextLSTM(nn.Module):
         self.register_buffer("tanh_z_lut", tanh_z)
         self.register_buffer("tanh_c_lut", tanh_c)
 
+    @property
+    def sig_lut_f(self):
+        return self._float_lut("sig_lut")
+
+    @property
+    def tanh_z_lut_f(self):
+        return self._float_lut("tanh_z_lut")
+
+    @property
+    def tanh_c_lut_f(self):
+        return self._float_lut("tanh_c_lut")
+
+    def _float_lut(self, name):
+        cache = self.__dict__.setdefault("_float_luts", {})
+        lut = getattr(self, name)
+        got = cache.get(name)
+        if got is None or got.device != lut.device:
+            got = cache[name] = lut.to(torch.float32)
+        return got
+
     def step(self, x, h, c, integer: bool):
         if integer:
-            z = self.gates.forward_int(torch.cat([x, h], 1).to(torch.float32)).long() + 127
-            i, f, o, g = z.chunk(4, 1)
-            i, f, o, g = self.sig_lut[i], self.sig_lut[f], self.sig_lut[o], self.tanh_z_lut[g]
-            c = torch.div(f * c + i * g, 128, rounding_mode="floor").clamp(-1023, 1023)
-            h = torch.div(o * self.tanh_c_lut[c + 1023], 128, rounding_mode="floor")
+            # integers held in float32: every product and sum below is < 2**18, so exact; the
+            # divisions are by 128 (exact) and floored
+            z = self.gates.forward_int(torch.cat([x, h], 1).to(torch.float32)).to(torch.int64) + 127
+            sig = torch.take(self.sig_lut_f, z[:, :3 * HIDDEN].contiguous())
+            i, f, o = sig.chunk(3, 1)
+            g = torch.take(self.tanh_z_lut_f, z[:, 3 * HIDDEN:].contiguous())
+            c = torch.floor_((f * c + i * g) * (1.0 / 128)).clamp_(-1023, 1023)
+            h = torch.floor_(o * torch.take(self.tanh_c_lut_f, c.to(torch.int64) + 1023) * (1.0 / 128))
             return h, c
         z = self.gates.forward_qat(torch.cat([x / 128, h], 1))
         i, f, o, g = z.chunk(4, 1)
@@ -137,12 +160,8 @@ class PyramidRun:
         if model.use_lstm:
             ch, cw = sizes[self.ctx_level]
             dev = bits.device
-            if integer:
-                self.h = torch.zeros(n, HIDDEN, ch, cw, dtype=torch.int64, device=dev)
-                self.c = torch.zeros_like(self.h)
-            else:
-                self.h = torch.zeros(n, HIDDEN, ch, cw, device=dev)
-                self.c = torch.zeros_like(self.h)
+            self.h = torch.zeros(n, HIDDEN, ch, cw, device=dev)     # integers (Q7) when coding
+            self.c = torch.zeros_like(self.h)
 
     def run(self, base: torch.Tensor, code_step) -> torch.Tensor:
         x = base
@@ -193,9 +212,7 @@ class PyramidRun:
             const = torch.zeros(n, 4, ch, cw, dtype=torch.int64, device=summ.device)
             const[:, P.PHASES.index(phase)] = 128
             const[:, 3] = 16 * min(level, 7)
-            x = torch.cat([summ, const], 1)
-        if not self.integer:
-            x = x.to(torch.float32)
+            x = torch.cat([summ, const], 1).to(torch.float32)
         self.h, self.c = self.model.lstm.step(x, self.h, self.c, self.integer)
 
 
