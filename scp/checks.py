@@ -92,7 +92,7 @@ def read_header(path: str):
 
 def _convert(ds, size: int) -> None:
     for tag in list(ds.keys()):
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)
         if isinstance(raw, RawDataElement) and raw.value is None:
             # deferred: pydicom skipped it by its length, so check that the bytes are there
             if raw.value_tell + raw.length > size:
@@ -107,7 +107,7 @@ def _convert(ds, size: int) -> None:
 
 def pixel_data_length(ds) -> tuple[int, bool]:
     """(bytes of Pixel Data, whether it has undefined length), without reading a deferred value."""
-    raw = ds.get_item("PixelData")
+    raw = ds.get_item("PixelData", keep_deferred=True)
     if isinstance(raw, RawDataElement):
         undefined = raw.length == 0xFFFFFFFF
         return (len(raw.value) if raw.value is not None else raw.length), undefined

@@ -225,7 +225,7 @@ def header_json(ds) -> str:
     from pydicom.dataset import Dataset
     small = Dataset()
     for tag in list(ds.keys()):
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)
         if isinstance(raw, RawDataElement) and raw.value is None:     # deferred (large): never returned
             continue
         try:

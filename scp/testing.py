@@ -8,11 +8,16 @@ records what it receives (a C-MOVE destination).
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
 import threading
 from typing import Iterable, Iterator
 
-from pydicom.dataset import Dataset
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 
 import dicom_nncodec
 
@@ -196,3 +201,96 @@ def move(port: int, identifier: Dataset, destination: str, model, calling_ae: st
     finally:
         assoc.release()
     return final
+
+
+def send_raw(port: int, items: Iterable[tuple[str, str, str, bytes]], calling_ae: str = "SCU",
+             called_ae: str = "NNCODEC", **associate_kwargs) -> list[int]:
+    """C-STORE data sets given as encoded bytes, exactly as they are (damaged ones included):
+    ``items`` holds (SOP Class UID, SOP Instance UID, transfer syntax UID, encoded data set); the
+    request's Affected UIDs are the first two.  The statuses (None where the association died)."""
+    items = list(items)
+    ae = AE(ae_title=calling_ae)
+    for sop_class, ts in dict.fromkeys((sc, ts) for sc, _, ts, _ in items):
+        ae.add_requested_context(sop_class, [ts])
+    folder = tempfile.mkdtemp(prefix="nncodec-raw-")
+    saved = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True          # send the file's bytes without parsing them
+    try:
+        paths = []
+        for i, (sop_class, sop_uid, ts, data) in enumerate(items):
+            fm = FileMetaDataset()
+            fm.MediaStorageSOPClassUID, fm.MediaStorageSOPInstanceUID, fm.TransferSyntaxUID = sop_class, sop_uid, ts
+            path = os.path.join(folder, f"{i}.dcm")
+            with open(path, "wb") as f:
+                f.write(b"\x00" * 128 + b"DICM")
+                write_file_meta_info(f, fm, enforce_standard=False)
+                f.write(data)
+            paths.append(path)
+        assoc = ae.associate("127.0.0.1", port, ae_title=called_ae, **associate_kwargs)
+        if not assoc.is_established:
+            raise ConnectionError("association not established")
+        out: list[int | None] = []
+        try:
+            for path in paths:
+                if not assoc.is_established:
+                    out.append(None)
+                    continue
+                rsp = assoc.send_c_store(path)
+                out.append(int(rsp.Status) if "Status" in rsp else None)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return out
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = saved
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def encoded(ds: Dataset, implicit: bool = False) -> bytes:
+    """``ds`` encoded as a C-STORE would carry it (little endian; explicit VR unless ``implicit``)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, implicit
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+# --- certificates for TLS tests -------------------------------------------------------------------------
+
+def make_certificates(folder) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate signed by it, and a
+    client certificate from another CA, made with the ``openssl`` command (RuntimeError without it).
+    Returns the PEM paths by name: ca, server.crt, server.key, client.crt, client.key, rogue.crt, rogue.key."""
+    if shutil.which("openssl") is None:
+        raise RuntimeError("the openssl command is needed to make test certificates")
+    folder = str(folder)
+    os.makedirs(folder, exist_ok=True)
+    p = lambda name: os.path.join(folder, name)   # noqa: E731
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    for ca in ("ca", "rogue-ca"):
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN=test {ca}",
+            "-keyout", p(f"{ca}.key"), "-out", p(f"{ca}.crt"))
+    ext = p("san.ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, ca in (("server", "ca"), ("client", "ca"), ("rogue", "rogue-ca")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", p(f"{name}.key"),
+            "-out", p(f"{name}.csr"))
+        run("x509", "-req", "-in", p(f"{name}.csr"), "-CA", p(f"{ca}.crt"), "-CAkey", p(f"{ca}.key"),
+            "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", p(f"{name}.crt"))
+    return {"ca": p("ca.crt"), **{f"{n}.{k}": p(f"{n}.{k}") for n in ("server", "client", "rogue")
+                                  for k in ("crt", "key")}}
+
+
+def client_tls(certs: dict[str, str], client: str | None = "client", minimum: str = "1.2"):
+    """``associate(tls_args=...)`` for a test client trusting the test CA, presenting ``client``'s certificate."""
+    import ssl
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=certs["ca"])
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if minimum == "1.3" else ssl.TLSVersion.TLSv1_2
+    if client:
+        ctx.load_cert_chain(certs[f"{client}.crt"], certs[f"{client}.key"])
+    return ctx, "127.0.0.1"
