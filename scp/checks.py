@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+from io import BytesIO
 from dataclasses import dataclass
 
 from pydicom import dcmread
@@ -93,7 +94,7 @@ def read_header(path: str):
 def _convert(ds, size: int) -> None:
     for tag in list(ds.keys()):
         raw = ds.get_item(tag, keep_deferred=True)
-        if isinstance(raw, RawDataElement) and raw.value is None:
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length != 0xFFFFFFFF:
             # deferred: pydicom skipped it by its length, so check that the bytes are there
             if raw.value_tell + raw.length > size:
                 raise StoreRefused(CANNOT_UNDERSTAND, f"element {raw.tag} announces {raw.length} bytes, more than "
@@ -181,6 +182,8 @@ def geometry(ds) -> Geometry:
     if bs > ba:
         raise StoreRefused(CANNOT_UNDERSTAND, f"Bits Stored {bs} exceeds Bits Allocated {ba}")
     samples = _count(ds, "SamplesPerPixel", 1, 4, default=1)
+    if samples == 2:
+        raise StoreRefused(CANNOT_UNDERSTAND, "Samples per Pixel 2 is not defined (1, 3 or 4)")
     frames = _count(ds, "NumberOfFrames", 1, 2**31 - 1, default=1)
     return Geometry(rows, columns, frames, samples, ba, str(ds.get("PhotometricInterpretation", "")).strip())
 
@@ -208,8 +211,9 @@ def check_pixel_data(ds, transfer_syntax: str, max_pixels: int) -> None:
         raise StoreRefused(CANNOT_UNDERSTAND, "encapsulated Pixel Data must have undefined length")
     value = ds.PixelData
     try:
-        offsets = parse_basic_offsets(value)
-        fragments = list(generate_fragments(value))
+        buf = BytesIO(value)
+        offsets = parse_basic_offsets(buf)          # (leaves ``buf`` after the Basic Offset Table item)
+        fragments = list(generate_fragments(buf))
     except Exception as exc:
         raise StoreRefused(CANNOT_UNDERSTAND, f"encapsulated Pixel Data does not parse: {exc}") from None
     if not fragments:

@@ -27,7 +27,7 @@ from . import query
 from .index import Index
 from .ingest import NOT_AUTHORISED, Ingest, Received
 from .retrieve import Retrieval, accepted_syntaxes
-from .transport import GuardedSocket, is_tls
+from .transport import GuardedSocket, is_tls, tls_args
 
 log = logging.getLogger("scp.association")
 
@@ -43,7 +43,8 @@ SERVICE_OF = {
     Verification: "echo",
 }
 GET_MODELS = {PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet}
-IDENTIFIER_MISMATCH = 0xA900
+IDENTIFIER_MISMATCH = 0xA900     # Identifier does not match SOP Class
+UNABLE_TO_PROCESS = 0xC000
 
 
 @dataclass
@@ -156,15 +157,34 @@ def handle_store(event, services: Services) -> int:
     return status
 
 
+def _identifier(event, service: str):
+    """The request's identifier, or None (logged) when it cannot be decoded."""
+    try:
+        return event.identifier
+    except Exception as exc:
+        log.warning("%s from %s refused (0x%04X): the identifier cannot be decoded (%s)", service, _peer(event.assoc),
+                    UNABLE_TO_PROCESS, type(exc).__name__)
+        return None
+
+
+def _unexpected(service: str, event, exc: Exception) -> None:
+    # the type only: the message of a database error can quote the identifier's values
+    log.error("%s from %s failed (0x%04X): %s", service, _peer(event.assoc), UNABLE_TO_PROCESS, type(exc).__name__)
+    log.debug("%s failure", service, exc_info=True)
+
+
 def handle_find(event, services: Services):
     root = ROOT[event.request.AffectedSOPClassUID]
     limit = services.cfg.max_find_results
     services.count(event.assoc, "find")
+    identifier = _identifier(event, "C-FIND")
+    if identifier is None:
+        yield UNABLE_TO_PROCESS, None
+        return
+    n = 0
     with services.index.session() as s:
         try:
-            results = query.find(s, event.identifier, root, limit)
-            n = 0
-            for ds in results:
+            for ds in query.find(s, identifier, root, limit):
                 if event.is_cancelled:
                     yield 0xFE00, None
                     return
@@ -172,8 +192,12 @@ def handle_find(event, services: Services):
                 n += 1
                 yield 0xFF00, ds
         except query.QueryError as exc:
-            log.warning("C-FIND from %s refused: %s", _peer(event.assoc), exc)
+            log.warning("C-FIND from %s refused (0x%04X): %s", _peer(event.assoc), IDENTIFIER_MISMATCH, exc)
             yield IDENTIFIER_MISMATCH, None
+            return
+        except Exception as exc:
+            _unexpected("C-FIND", event, exc)
+            yield UNABLE_TO_PROCESS, None
             return
     if limit and n >= limit:
         log.warning("C-FIND from %s cut at %d results (limits.max_find_results)", _peer(event.assoc), limit)
@@ -182,12 +206,22 @@ def handle_find(event, services: Services):
 def handle_get(event, services: Services):
     root = ROOT[event.request.AffectedSOPClassUID]
     peer = _peer(event.assoc)
+    identifier = _identifier(event, "C-GET")
     try:
-        items = services.retrieval.select(event.identifier, root)
+        if identifier is None:
+            yield 1
+            yield UNABLE_TO_PROCESS, None
+            return
+        items = services.retrieval.select(identifier, root)
     except query.QueryError as exc:
-        log.warning("C-GET from %s refused: %s", peer, exc)
+        log.warning("C-GET from %s refused (0x%04X): %s", peer, IDENTIFIER_MISMATCH, exc)
         yield 1
         yield IDENTIFIER_MISMATCH, None
+        return
+    except Exception as exc:
+        _unexpected("C-GET", event, exc)
+        yield 1
+        yield UNABLE_TO_PROCESS, None
         return
     log.info("C-GET from %s: %d instances", peer, len(items))
     services.count(event.assoc, "get-instances", len(items))
@@ -199,16 +233,23 @@ def handle_get(event, services: Services):
 def handle_move(event, services: Services):
     root = ROOT[event.request.AffectedSOPClassUID]
     peer = _peer(event.assoc)
-    destination = services.cfg.peer_by_ae(event.move_destination.decode("ascii", "replace")
-                                           if isinstance(event.move_destination, bytes) else event.move_destination)
+    name = event.move_destination
+    name = name.decode("ascii", "replace") if isinstance(name, bytes) else str(name or "")
+    destination = services.cfg.peer_by_ae(name)
     if destination is None:
-        log.warning("C-MOVE from %s refused: unknown destination %r", peer, event.move_destination)
+        log.warning("C-MOVE from %s refused (0xA801): unknown destination %r", peer, name[:16])
         yield None, None
         return
+    identifier = _identifier(event, "C-MOVE")
     try:
-        items, error = services.retrieval.select(event.identifier, root), None
+        if identifier is None:
+            raise query.QueryError("the identifier cannot be decoded")
+        items, error = services.retrieval.select(identifier, root), None
     except query.QueryError as exc:
         items, error = [], exc
+    except Exception as exc:
+        _unexpected("C-MOVE", event, exc)
+        items, error = [], query.QueryError("the query failed")
     sub: dict = {}
 
     def on_sub_accepted(e):
@@ -218,7 +259,8 @@ def handle_move(event, services: Services):
     # (with nothing to send, pynetdicom answers before associating; a refused identifier still
     # associates once, so it needs one context)
     contexts = services.retrieval.move_contexts(items) if items else [build_context(Verification)]
-    kwargs = {"contexts": contexts, "evt_handlers": [(evt.EVT_ACCEPTED, on_sub_accepted)]}
+    kwargs = {"contexts": contexts, "evt_handlers": [(evt.EVT_ACCEPTED, on_sub_accepted)],
+              **tls_args(services.cfg, destination)}
     yield destination.host, destination.port, kwargs
     if error is not None:
         log.warning("C-MOVE from %s refused: %s", peer, error)

@@ -59,6 +59,8 @@ COMPUTED_LEVEL = {
     "NumberOfSeriesRelatedInstances": SERIES,
 }
 ENTITY = {PATIENT: Patient, STUDY: Study, SERIES: Series, IMAGE: Instance}
+MAX_VALUES = 1000           # values of one matching key (a list of UIDs, of names)
+MAX_VALUE_LENGTH = 1024     # characters of one value (a wildcard pattern is matched by the database)
 
 
 class QueryError(ValueError):
@@ -185,11 +187,24 @@ def _select(level: str):
     return select(Instance).join(Instance.series).join(Series.study).join(Study.patient)
 
 
+def _check_key(elem) -> None:
+    """A matching key this node can answer: no sequence, a bounded number of bounded values."""
+    if elem.VR == "SQ":
+        raise QueryError(f"{elem.keyword} must not be a sequence")
+    values = values_of(elem.value)
+    if len(values) > MAX_VALUES:
+        raise QueryError(f"{elem.keyword} has {len(values)} values (at most {MAX_VALUES})")
+    if any(len(v) > MAX_VALUE_LENGTH for v in values):
+        raise QueryError(f"a value of {elem.keyword} is longer than {MAX_VALUE_LENGTH} characters")
+
+
 def conditions(identifier: Dataset, level: str) -> list:
     """Conditions for every key at ``level`` and above (keys below the level are ignored)."""
     out = []
     for elem in identifier:
         kw = elem.keyword
+        if kw in KEYS or kw == "ModalitiesInStudy":
+            _check_key(elem)
         if kw in KEYS:
             key_level, column, kind = KEYS[kw]
             if ORDER[key_level] <= ORDER[level]:
