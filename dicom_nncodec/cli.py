@@ -1,4 +1,4 @@
-"""The ``dicom-nncodec`` command: compress, decompress, info, verify, bench, train, serve, status."""
+"""The ``dicom-nncodec`` command: compress, decompress, info, verify, bench, train, serve, status, fsck."""
 from __future__ import annotations
 
 import argparse
@@ -113,9 +113,20 @@ def cmd_serve(a) -> int:
 
 
 def cmd_status(a) -> int:
+    from scp.config import ConfigError
     from scp.status import report
-    print(report(a.config))
+    try:
+        text = report(a.config)
+    except ConfigError as exc:
+        print(f"dicom-nncodec: configuration error: {exc}", file=sys.stderr)
+        return 2
+    print(text)
     return 0
+
+
+def cmd_fsck(a) -> int:
+    from scp.fsck import main as fsck_main
+    return fsck_main(a.config, a.repair)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="YAML configuration (default: the embedded one)")
     st = sub.add_parser("status", help="stored instances, bytes, queue and failures of a node")
     st.add_argument("--config")
+    fs = sub.add_parser("fsck", help="check a node's index against its files and every stored frame's checksum")
+    fs.add_argument("--config")
+    fs.add_argument("--repair", action="store_true",
+                    help="re-index, re-queue or set aside what can be fixed safely (the node must be stopped)")
     return p
 
 
@@ -178,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return {"compress": cmd_compress, "decompress": cmd_decompress, "verify": cmd_verify, "info": cmd_info,
-                "train": cmd_train, "serve": cmd_serve, "status": cmd_status}[a.command](a)
+                "train": cmd_train, "serve": cmd_serve, "status": cmd_status, "fsck": cmd_fsck}[a.command](a)
     except (FileNotFoundError, ValueError) as exc:
         print(f"dicom-nncodec: {exc}", file=sys.stderr)
         return 2

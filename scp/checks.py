@@ -77,12 +77,14 @@ def check_request(sop_class_uid: str, sop_instance_uid: str, context_class: str 
 DEFER = 4096
 
 
-def read_header(path: str):
+def read_header(path: str, deflated: bool = False):
     """The candidate file parsed, values over 4 KiB left on disk (deferred: only their lengths are read).
-    Every other value is converted now, so that one pydicom cannot read fails here and not later."""
+    Every other value is converted now, so that one pydicom cannot read fails here and not later.
+    A deflated data set is inflated in memory by pydicom (its size was checked before), so nothing is
+    deferred there."""
     size = os.path.getsize(path)
     try:
-        ds = dcmread(path, defer_size=DEFER)
+        ds = dcmread(path, defer_size=None if deflated else DEFER)
         _convert(ds, size)
     except StoreRefused:
         raise

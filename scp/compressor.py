@@ -11,7 +11,10 @@ result again and compare (bit-exact for lossless, within N for max_error;
 for natively encoded input the lossless check is on the stored bytes, so bits
 above Bits Stored that the codec would drop are caught), then write the new
 file durably and switch the index to it in one transaction.  Any failure
-keeps the original and records why.
+keeps the original and records why.  A failure to write (a full disk, a
+read-only folder) is not the instance's fault: it goes back to the queue and
+the worker waits (also while less than ``storage.min_free_mb`` is free) instead
+of marking it failed.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from pydicom.dataset import Dataset
 import dicom_nncodec
 from dicom_nncodec import NNCodecLossless, NNCodecLossy, UnsupportedPixelData
 
+from . import faults
 from . import rules as R
 from .config import Config
 from .index import FAILED, KEPT, Index, Job, header_json
@@ -99,6 +103,7 @@ class Compressor:
         self._threads: list[threading.Thread] = []
         self._busy = 0
         self._busy_lock = threading.Lock()
+        self._paused = False
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -143,9 +148,9 @@ class Compressor:
                 with self._busy_lock:
                     self._busy += 1
                 try:
-                    job = self.index.claim()
-                    if job is not None:
-                        self.process(job)
+                    job = self.index.claim() if self._room() else None
+                    if job is not None and not self.process(job):
+                        job = None           # put back (cannot write now): wait before the next try
                 finally:
                     with self._busy_lock:
                         self._busy -= 1
@@ -156,16 +161,30 @@ class Compressor:
                 self._wake.wait(self.cfg.poll_seconds)
                 self._wake.clear()
 
-    def process(self, job: Job) -> None:
+    def _room(self) -> bool:
+        """Whether there is room for a compressed copy beside the original (storage.min_free_mb)."""
+        if self.cfg.min_free_mb and self.storage.free_mb() < self.cfg.min_free_mb:
+            if not self._paused:
+                log.warning("compression paused: less than %d MB free in the storage folder (storage.min_free_mb)",
+                            self.cfg.min_free_mb)
+            self._paused = True
+            return False
+        if self._paused:
+            log.info("compression resumed")
+        self._paused = False
+        return True
+
+    def process(self, job: Job) -> bool:
+        """Compress one claimed instance; False when it was put back in the queue (nothing could be written)."""
         facts = R.Facts(job.modality, job.sop_class_uid, job.calling_ae, job.bits_stored, job.photometric,
                         job.received_transfer_syntax)
         decision = R.decide(self.cfg.rules, facts)
         if decision.action == R.KEEP:
             self.index.finish_unchanged(job, KEPT, f"kept by rule: {decision.rule}")
-            return
+            return True
         if job.transfer_syntax == str(NNCodecLossless) and decision.action == R.LOSSLESS:
             self.index.finish_unchanged(job, KEPT, "already in the private lossless syntax")
-            return
+            return True
         started = time.monotonic()
         try:
             ds = dcmread(self.storage.abspath(job.path))
@@ -173,27 +192,43 @@ class Compressor:
         except UnsupportedPixelData as exc:
             self.index.finish_unchanged(job, KEPT, f"not supported by the codec: {exc}")
             log.info("kept %s as received: not supported by the codec: %s", job.sop_uid, exc)
-            return
+            return True
+        except OSError as exc:         # the stored file cannot be read now (a disk error): not the instance's fault
+            self.index.release(job)
+            log.warning("compression of %s put back in the queue: %s", job.sop_uid, exc)
+            return False
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             self.index.finish_unchanged(job, FAILED, reason)
             log.warning("compression of %s failed, original kept: %s", job.sop_uid, reason)
-            return
+            return True
         ds.file_meta.ImplementationClassUID = dicom_nncodec.IMPLEMENTATION_CLASS_UID
         ds.file_meta.ImplementationVersionName = dicom_nncodec.IMPLEMENTATION_VERSION_NAME
         try:
             path, size = self.storage.write(lambda f: dcmwrite(f, ds, enforce_file_format=True))
+        except OSError as exc:
+            self.index.release(job)
+            log.warning("compression of %s put back in the queue: cannot write the compressed file (%s)",
+                        job.sop_uid, exc.strerror or exc)
+            return False
         except Exception as exc:
             reason = f"cannot write the compressed file: {exc}"
             self.index.finish_unchanged(job, FAILED, reason)
             log.warning("compression of %s failed, original kept: %s", job.sop_uid, reason)
-            return
+            return True
+        faults.point("compress.written")
         new_uid = str(ds.SOPInstanceUID) if decision.action == R.MAX_ERROR else None
-        done, remove = self.index.finish_compressed(job, path, str(ds.file_meta.TransferSyntaxUID), size, new_uid,
-                                                    header_json(ds) if new_uid else None)
+        try:
+            done, remove = self.index.finish_compressed(job, path, str(ds.file_meta.TransferSyntaxUID), size,
+                                                        new_uid, header_json(ds) if new_uid else None)
+        except BaseException:
+            self.storage.remove(path)      # the index still points to the original
+            raise
+        faults.point("compress.switched")
         self.storage.remove(remove)
         if done:
             log.info("compressed %s (%s) to %d bytes in %.2f s%s", job.sop_uid, decision.action, size,
                      time.monotonic() - started, f", new SOP Instance UID {new_uid}" if new_uid else "")
         else:
             log.info("compressed %s, but a newer copy arrived meanwhile: result discarded", job.sop_uid)
+        return True

@@ -175,6 +175,18 @@ class IngestResult:
     queued: bool = False
 
 
+@dataclass(frozen=True)
+class StoredRow:
+    id: int
+    sop_uid: str
+    original_sop_uid: str
+    sop_class_uid: str
+    path: str
+    transfer_syntax: str
+    stored_bytes: int
+    state: str
+
+
 @dataclass
 class Job:
     """One claimed queue item with what the rules and the worker need."""
@@ -479,6 +491,48 @@ class Index:
     def queue_length(self) -> int:
         with self.session() as s:
             return s.scalar(select(func.count()).select_from(QueueItem)) or 0
+
+    # --- fsck -----------------------------------------------------------------------------------------
+
+    def stored(self) -> list["StoredRow"]:
+        """Every instance with what fsck compares against its file."""
+        with self.session() as s:
+            return [StoredRow(i.id, i.sop_uid, i.original_sop_uid, i.sop_class_uid, i.path, i.transfer_syntax,
+                              i.stored_bytes, i.state) for i in s.scalars(select(Instance).order_by(Instance.id))]
+
+    def queue_items(self) -> list[tuple[int, int, str]]:
+        """(queue item id, instance id, state) of every queue item."""
+        with self.session() as s:
+            return [tuple(r) for r in s.execute(select(QueueItem.id, QueueItem.instance_pk, QueueItem.state))]
+
+    def requeue(self, instance_id: int) -> None:
+        """Queue a pending instance again (its queue item was lost)."""
+        with self.writing() as s:
+            inst = s.get(Instance, instance_id)
+            if inst is not None and s.scalars(select(QueueItem).where(QueueItem.instance_pk == instance_id)).first() \
+                    is None:
+                s.add(QueueItem(instance_pk=instance_id, generation=inst.generation))
+
+    def drop_queue_item(self, item_id: int) -> None:
+        with self.writing() as s:
+            item = s.get(QueueItem, item_id)
+            if item is not None:
+                s.delete(item)
+
+    def repoint(self, instance_id: int, path: str, transfer_syntax: str, size: int, state: str) -> None:
+        """Point an instance whose file is lost or damaged at another intact copy of it (fsck --repair);
+        a PENDING one is queued."""
+        with self.writing() as s:
+            inst = s.get(Instance, instance_id)
+            inst.path, inst.transfer_syntax, inst.stored_bytes = path, transfer_syntax, size
+            inst.state, inst.state_reason = state, "re-attached by fsck --repair"
+            inst.generation += 1
+            item = s.scalars(select(QueueItem).where(QueueItem.instance_pk == instance_id)).first()
+            if item is not None:
+                s.delete(item)
+            if state == PENDING:
+                s.flush()
+                s.add(QueueItem(instance_pk=instance_id, generation=inst.generation))
 
     # --- failures and statistics ----------------------------------------------------------------------
 

@@ -119,7 +119,7 @@ class Ingest:
             raise StoreRefused(OUT_OF_RESOURCES, "the deflated data set inflates to more than limits.max_instance_mb")
         staged = self.storage.stage((b"\x00" * 128, b"DICM", encode_file_meta(meta), rx.dataset))
         try:
-            ds = checks.read_header(staged.path)
+            ds = checks.read_header(staged.path, meta.TransferSyntaxUID == U.DeflatedExplicitVRLittleEndian)
             checks.check_identity(ds, rx.sop_class_uid, sop_uid)
             checks.check_pixel_data(ds, meta.TransferSyntaxUID, self.cfg.max_pixels)
             try:

@@ -105,14 +105,15 @@ class Node:
 
     def start(self) -> "Node":
         check_startup(self.cfg)
-        self.storage.prepare()
-        self.index.create()
-        recovered = self.index.recover_queue()
-        if recovered:
-            log.info("%d interrupted compressions put back in the queue", recovered)
-        self.compressor.start()
-        self.ae = build_ae(self.cfg)
+        self.storage.lock()                 # shared: fsck --repair waits until no node runs here
         try:
+            self.storage.prepare()
+            self.index.create()
+            recovered = self.index.recover_queue()
+            if recovered:
+                log.info("%d interrupted compressions put back in the queue", recovered)
+            self.compressor.start()
+            self.ae = build_ae(self.cfg)
             if self.cfg.port is not None:
                 self.server = start_listener(self.ae, self.cfg, self.cfg.port, bindings(self.services), tls=False)
             if self.cfg.tls.port is not None:
@@ -123,6 +124,8 @@ class Node:
                 server.shutdown()
             self.server = self.tls_server = None
             self.compressor.stop(0)
+            self.index.dispose()
+            self.storage.unlock()
             raise
         ports = ", ".join(f"{name} {self.cfg.bind}:{port}" for name, port in (("plain", self.port), ("TLS", self.tls_port))
                           if port is not None)
@@ -152,6 +155,7 @@ class Node:
         if not self.compressor.stop(max(1.0, deadline - time.monotonic())):
             log.warning("compression still running at shutdown: it goes back to the queue at the next start")
         self.index.dispose()
+        self.storage.unlock()
         log.info("node %s stopped", self.cfg.ae_title)
 
     def __enter__(self) -> "Node":

@@ -38,7 +38,7 @@ LOCK = "node.lock"
 Content = bytes | Iterable[bytes] | Callable[[BinaryIO], None]
 
 
-class Locked(Exception):
+class Locked(OSError):
     """Another process holds the storage folder's lock (a running node, or fsck --repair)."""
 
 
@@ -162,6 +162,11 @@ class Storage:
             pass
         except OSError as exc:
             log.warning("could not remove superseded file %s: %s", rel, exc.strerror)
+
+    def files(self, folder: str = OBJECTS) -> list[str]:
+        """Every file under ``folder`` (objects/ by default), as paths relative to the storage root."""
+        top = os.path.join(self.root, folder)
+        return sorted(os.path.relpath(os.path.join(d, f), self.root) for d, _, fs in os.walk(top) for f in fs)
 
     def free_mb(self) -> float:
         return shutil.disk_usage(self.root).free / 2**20
