@@ -10,9 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 from typing import Iterable, Iterator
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -294,3 +298,66 @@ def client_tls(certs: dict[str, str], client: str | None = "client", minimum: st
     if client:
         ctx.load_cert_chain(certs[f"{client}.crt"], certs[f"{client}.key"])
     return ctx, "127.0.0.1"
+
+
+# --- the node as a separate program (fault injection) ------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NodeProcess:
+    """``python -m dicom_nncodec.cli serve --config FILE`` as a child process, for tests that kill it.
+
+    ``crash_at`` arms a crash point of :mod:`scp.faults` (the process SIGKILLs itself there)."""
+
+    def __init__(self, config_path, port: int, crash_at: str | None = None):
+        self.config_path, self.port, self.crash_at = str(config_path), port, crash_at
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> "NodeProcess":
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+        env.pop("NNCODEC_CRASH_AT", None)
+        if self.crash_at:
+            env["NNCODEC_CRASH_AT"] = self.crash_at
+        self.stderr_path = self.config_path + ".stderr"
+        with open(self.stderr_path, "ab") as err:      # (a pipe nobody reads could fill up and block the node)
+            self.proc = subprocess.Popen([sys.executable, "-m", "dicom_nncodec.cli", "serve", "--config",
+                                          self.config_path], env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
+                    raise RuntimeError(f"the node exited with {self.proc.returncode}: {f.read()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        self.kill()
+        raise RuntimeError("the node did not start listening")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no handler runs, nothing is flushed, as after a power cut of the process."""
+        if self.alive:
+            self.proc.send_signal(signal.SIGKILL)
+        self.wait(30)
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = 60) -> int | None:
+        """SIGTERM: a graceful stop."""
+        if self.alive:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
