@@ -18,12 +18,14 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   PatientRootQueryRetrieveInformationModelMove,
                                   StudyRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelGet,
-                                  StudyRootQueryRetrieveInformationModelMove, Verification)
+                                  StudyRootQueryRetrieveInformationModelMove, StorageCommitmentPushModel,
+                                  Verification)
 
 import dicom_nncodec
 
 from . import config as C
-from . import query
+from . import faults, query
+from .commitment import BadRequest, Commitments, parse_request
 from .index import Index
 from .ingest import NOT_AUTHORISED, Ingest, Received
 from .retrieve import Retrieval, accepted_syntaxes
@@ -41,6 +43,7 @@ SERVICE_OF = {
     PatientRootQueryRetrieveInformationModelGet: "get", StudyRootQueryRetrieveInformationModelGet: "get",
     PatientRootQueryRetrieveInformationModelMove: "move", StudyRootQueryRetrieveInformationModelMove: "move",
     Verification: "echo",
+    StorageCommitmentPushModel: "store",     # who may store may ask whether it is safely kept
 }
 GET_MODELS = {PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet}
 IDENTIFIER_MISMATCH = 0xA900     # Identifier does not match SOP Class
@@ -54,6 +57,7 @@ class Services:
     ingest: Ingest
     retrieval: Retrieval
     get_syntaxes: list = field(default_factory=list)
+    commitments: Commitments | None = None
     counters: dict = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -275,6 +279,34 @@ def handle_move(event, services: Services):
                                                  lambda: event.is_cancelled, "C-MOVE", dest_name)
 
 
+def handle_n_action(event, services: Services):
+    """Storage Commitment Push Model: record the request; the report follows (scp.commitment)."""
+    assoc = event.assoc
+    peer = _peer(assoc)
+    calling = assoc.requestor.ae_title.strip()
+    if not C.allowed(services.cfg, calling, "store", assoc.requestor.address, is_tls(assoc)):
+        log.warning("storage commitment from %s refused (0x0124): not allowed to store", peer)
+        return 0x0124, None
+    try:
+        try:
+            information = event.action_information
+        except Exception:
+            information = None
+        transaction, refs = parse_request(event.request, information)
+    except BadRequest as exc:
+        log.warning("storage commitment from %s refused (0x%04X): %s", peer, exc.status, exc)
+        return exc.status, None
+    try:
+        services.commitments.request(assoc, calling, transaction, refs)
+    except Exception as exc:
+        log.error("storage commitment %s from %s failed (0x0110): %s", transaction, peer, type(exc).__name__)
+        return 0x0110, None
+    faults.point("commit.recorded")
+    log.info("storage commitment %s from %s: %d instances", transaction, peer, len(refs))
+    services.count(assoc, "commitment")
+    return 0x0000, None
+
+
 def bindings(services: Services) -> list:
     return [
         (evt.EVT_REQUESTED, on_requested, [services]),
@@ -287,4 +319,5 @@ def bindings(services: Services) -> list:
         (evt.EVT_C_FIND, handle_find, [services]),
         (evt.EVT_C_GET, handle_get, [services]),
         (evt.EVT_C_MOVE, handle_move, [services]),
+        (evt.EVT_N_ACTION, handle_n_action, [services]),
     ]

@@ -124,6 +124,19 @@ class QueueItem(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class Commitment(Base):
+    """A Storage Commitment request (PS3.4 J) until its N-EVENT-REPORT is delivered or given up."""
+    __tablename__ = "commitment"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    references: Mapped[str] = mapped_column(Text)         # JSON: [[SOP Class UID, SOP Instance UID], ...]
+    requested_at: Mapped[_dt.datetime] = mapped_column(default=_now)
+    state: Mapped[str] = mapped_column(String(16), default=PENDING, index=True)   # pending, delivered, given_up
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[_dt.datetime] = mapped_column(default=_now)
+
+
 class Failure(Base):
     __tablename__ = "failure"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -185,6 +198,32 @@ class StoredRow:
     transfer_syntax: str
     stored_bytes: int
     state: str
+
+
+@dataclass(frozen=True)
+class CommitmentRequest:
+    id: int
+    transaction_uid: str
+    calling_ae: str
+    references: list
+    requested_at: _dt.datetime
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What storage commitment needs to know about one stored instance."""
+    sop_uid: str
+    sop_class_uid: str
+    path: str
+    stored_bytes: int
+    state: str
+    transfer_syntax: str
+    received_transfer_syntax: str
+    modality: str
+    calling_ae: str
+    bits_stored: int
+    photometric: str
 
 
 @dataclass
@@ -533,6 +572,52 @@ class Index:
             if state == PENDING:
                 s.flush()
                 s.add(QueueItem(instance_pk=instance_id, generation=inst.generation))
+
+    # --- storage commitment -------------------------------------------------------------------------
+
+    def add_commitment(self, transaction_uid: str, calling_ae: str, references: list) -> None:
+        """Record a request (a repeated Transaction UID starts that request over)."""
+        with self.writing() as s:
+            c = s.scalars(select(Commitment).where(Commitment.transaction_uid == transaction_uid)).first()
+            if c is None:
+                c = Commitment(transaction_uid=transaction_uid)
+                s.add(c)
+            c.calling_ae, c.references, c.requested_at = calling_ae, json.dumps(references), _now()
+            c.state, c.attempts, c.next_attempt_at = PENDING, 0, _now()
+
+    def due_commitments(self) -> list[CommitmentRequest]:
+        with self.session() as s:
+            rows = s.scalars(select(Commitment).where(Commitment.state == PENDING,
+                                                      Commitment.next_attempt_at <= _now()).order_by(Commitment.id))
+            return [CommitmentRequest(c.id, c.transaction_uid, c.calling_ae, json.loads(c.references), c.requested_at,
+                                      c.attempts) for c in rows]
+
+    def commitment_attempted(self, cid: int, state: str, retry_at: _dt.datetime | None = None) -> None:
+        with self.writing() as s:
+            c = s.get(Commitment, cid)
+            if c is not None:
+                c.state, c.attempts = state, c.attempts + 1
+                if retry_at is not None:
+                    c.next_attempt_at = retry_at
+
+    def commitments(self) -> dict[str, str]:
+        """Transaction UID -> state (for status and tests)."""
+        with self.session() as s:
+            return dict(s.execute(select(Commitment.transaction_uid, Commitment.state)).all())
+
+    def kept(self, sop_uid: str) -> tuple[Kept | None, bool]:
+        """The stored instance ``sop_uid`` and False; (None, True) when it was replaced by a near-lossless
+        derivative with a new UID; (None, False) when it is unknown."""
+        with self.session() as s:
+            row = s.execute(select(Instance, Series.modality).join(Series, Instance.series_pk == Series.id)
+                            .where(Instance.sop_uid == sop_uid)).first()
+            if row is None:
+                replaced = s.scalar(select(func.count()).select_from(Instance)
+                                    .where(Instance.original_sop_uid == sop_uid)) or 0
+                return None, bool(replaced)
+            i, modality = row
+            return Kept(i.sop_uid, i.sop_class_uid, i.path, i.stored_bytes, i.state, i.transfer_syntax,
+                        i.received_transfer_syntax, modality, i.calling_ae, i.bits_stored, i.photometric), False
 
     # --- failures and statistics ----------------------------------------------------------------------
 

@@ -23,11 +23,13 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   PatientRootQueryRetrieveInformationModelMove,
                                   StudyRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelGet,
-                                  StudyRootQueryRetrieveInformationModelMove, Verification)
+                                  StudyRootQueryRetrieveInformationModelMove, StorageCommitmentPushModel,
+                                  Verification)
 
 import dicom_nncodec
 
 from . import config as C
+from .commitment import Commitments
 from .compressor import Compressor
 from .handlers import Services, bindings
 from .index import Index
@@ -74,6 +76,7 @@ def build_ae(cfg: C.Config) -> AE:
         # scp_role: a C-GET requestor may act as Storage SCP on this association
         ae.add_supported_context(cx.abstract_syntax, syntaxes, scp_role=True, scu_role=False)
     ae.add_supported_context(Verification)
+    ae.add_supported_context(StorageCommitmentPushModel)
     for model in QR_MODELS:
         ae.add_supported_context(model)
     return ae
@@ -85,8 +88,10 @@ class Node:
         self.storage = Storage(cfg.storage_path, fsync=cfg.fsync)
         self.index = Index(C.resolved_index_url(cfg))
         self.compressor = Compressor(cfg, self.index, self.storage)
+        self.commitments = Commitments(cfg, self.index, self.storage)
         self.services = Services(cfg, self.index, Ingest(cfg, self.index, self.storage, self.compressor.wake),
-                                 Retrieval(cfg, self.index, self.storage), get_syntaxes(cfg.retrieve_syntaxes))
+                                 Retrieval(cfg, self.index, self.storage), get_syntaxes(cfg.retrieve_syntaxes),
+                                 self.commitments)
         self.ae: AE | None = None
         self.server = None          # the plain listener (None with port: null)
         self.tls_server = None
@@ -113,6 +118,7 @@ class Node:
             if recovered:
                 log.info("%d interrupted compressions put back in the queue", recovered)
             self.compressor.start()
+            self.commitments.start()
             self.ae = build_ae(self.cfg)
             if self.cfg.port is not None:
                 self.server = start_listener(self.ae, self.cfg, self.cfg.port, bindings(self.services), tls=False)
@@ -124,6 +130,7 @@ class Node:
                 server.shutdown()
             self.server = self.tls_server = None
             self.compressor.stop(0)
+            self.commitments.stop(1)
             self.index.dispose()
             self.storage.unlock()
             raise
@@ -154,6 +161,7 @@ class Node:
                     assoc.abort()
         if not self.compressor.stop(max(1.0, deadline - time.monotonic())):
             log.warning("compression still running at shutdown: it goes back to the queue at the next start")
+        self.commitments.stop(max(1.0, deadline - time.monotonic()))
         self.index.dispose()
         self.storage.unlock()
         log.info("node %s stopped", self.cfg.ae_title)

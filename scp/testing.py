@@ -361,3 +361,68 @@ class NodeProcess:
         if self.alive:
             self.proc.send_signal(signal.SIGTERM)
         return self.wait(timeout)
+
+
+# --- storage commitment, as a sender asks for it -----------------------------------------------------------
+
+class CommitmentSCU:
+    """A sender asking for storage commitment: on one association (``ask``), with the report received on
+    it or, via :meth:`listen`, on an association the node opens to this SCU's own port."""
+
+    def __init__(self, ae_title: str = "SCU"):
+        from pynetdicom.sop_class import StorageCommitmentPushModel
+        self.ae_title = ae_title
+        self.reports: list[tuple[int, Dataset, str]] = []     # (event type, event information, how it came)
+        self._got = threading.Event()
+        self.server = None
+        self.ae = AE(ae_title=ae_title)
+        self.ae.add_requested_context(StorageCommitmentPushModel)
+        self.ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+
+    def _on_report(self, event, how: str):
+        self.reports.append((int(event.request.EventTypeID), event.event_information, how))
+        self._got.set()
+        return 0x0000, None
+
+    def listen(self) -> int:
+        """Accept reports on a port of its own (the node's peer entry for this AE); the port."""
+        self.server = self.ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+            (evt.EVT_N_EVENT_REPORT, self._on_report, ["a new association"])])
+        return self.server.server_address[1]
+
+    def ask(self, port: int, refs: list[tuple[str, str]], transaction_uid: str | None = None,
+            wait: float = 30.0, keep_open: bool = True, **kwargs) -> tuple[int, str]:
+        """N-ACTION for ``refs``; waits (association open when ``keep_open``) up to ``wait`` seconds for a
+        report.  (N-ACTION status, Transaction UID)."""
+        from pydicom.uid import generate_uid
+        from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
+        transaction_uid = transaction_uid or generate_uid()
+        info = Dataset()
+        info.TransactionUID = transaction_uid
+        info.ReferencedSOPSequence = []
+        for sop_class, sop_uid in refs:
+            item = Dataset()
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop_uid
+            info.ReferencedSOPSequence.append(item)
+        self._got.clear()
+        assoc = self.ae.associate("127.0.0.1", port, ae_title="NNCODEC", evt_handlers=[
+            (evt.EVT_N_EVENT_REPORT, self._on_report, ["the same association"])], **kwargs)
+        if not assoc.is_established:
+            raise ConnectionError("association not established")
+        try:
+            status, _ = assoc.send_n_action(info, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
+            code = int(status.get("Status", 0xFFFF))
+            if keep_open and code == 0:
+                self._got.wait(wait)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return code, transaction_uid
+
+    def wait(self, timeout: float = 30.0) -> bool:
+        return self._got.wait(timeout)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None

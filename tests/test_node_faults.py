@@ -26,7 +26,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as ST
 from scp import fsck
 from scp.config import load
 from scp.index import Index
-from scp.testing import NodeProcess, free_port, get, running_node, send
+from scp.testing import CommitmentSCU, NodeProcess, free_port, get, running_node, send
 from tests.imaging import make_dataset, smooth_image
 
 STUDY = generate_uid()
@@ -133,6 +133,7 @@ SCENARIO = [
     ("compress.written:3", "new", 6),        # the compressed copy written, the index still on the original
     ("compress.switched:3", "new", 6),       # the index switched, the original not yet removed
     ("ingest.replaced", "resend", 2),        # a corrected copy indexed, the superseded one not yet removed
+    ("commit.recorded", "commit", 5),        # a storage commitment request recorded, the N-ACTION not answered
 ]
 RANDOM_KILLS = 6
 
@@ -140,8 +141,12 @@ RANDOM_KILLS = 6
 def test_sigkill_at_every_crash_point_and_at_random_loses_nothing(tmp_path):
     port = free_port()
     config_path = write_config(tmp_path, port)
+    scu = CommitmentSCU("SENDER")
+    scu_port = scu.listen()
     with open(config_path, "a") as f:
-        f.write("peers: [{ae_title: VIEWER, host: 127.0.0.1, port: 1}]\n")
+        f.write(f"peers: [{{ae_title: VIEWER, host: 127.0.0.1, port: 1}}, "
+                f"{{ae_title: SENDER, host: 127.0.0.1, port: {scu_port}}}]\n"
+                "commitment: {retry_seconds: 0.5}\n")
     cfg = load(config_path)
     archive = Archive()
     rng = random.Random(20240601)
@@ -154,6 +159,17 @@ def test_sigkill_at_every_crash_point_and_at_random_loses_nothing(tmp_path):
 
     for crash_at, what, count in SCENARIO:
         node = NodeProcess(config_path, port, crash_at=crash_at).start()
+        if what == "commit":                         # answered only after the restart, on a new association
+            committed = sorted(archive.acked)[:count]
+            transaction = generate_uid()
+            asking = threading.Thread(target=scu.ask, args=(port, [(SecondaryCaptureImageStorage, uid)
+                                                                   for uid in committed], transaction),
+                                      kwargs={"keep_open": False}, daemon=True)
+            asking.start()
+            assert node.wait(60) == -9, f"{crash_at} was not reached"
+            kills += 1
+            check_dead_storage()
+            continue
         if what == "new":
             batch = [archive.new() for _ in range(count)]
         else:                                        # the same SOP Instance UIDs again, pixels unchanged
@@ -195,8 +211,14 @@ def test_sigkill_at_every_crash_point_and_at_random_loses_nothing(tmp_path):
             assert np.array_equal(back[uid], archive.sent[uid]), uid
         for uid, pixels in back.items():                     # also what was stored but never acknowledged
             assert np.array_equal(pixels, archive.sent[uid]), uid
+        deadline = time.monotonic() + 30
+        while not any(info.TransactionUID == transaction for _, info, _ in scu.reports) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (report,) = [info for _, info, _ in scu.reports if info.TransactionUID == transaction]
+        assert sorted(i.ReferencedSOPInstanceUID for i in report.ReferencedSOPSequence) == committed
     finally:
         assert node.stop() == 0
+        scu.stop()
     status, lines = fsck_problems(cfg, repair=True)
     assert status == 0 and all("->" in line for line in lines), "\n".join(lines)
     assert fsck_problems(cfg) == (0, [])
