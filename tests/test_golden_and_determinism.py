@@ -32,7 +32,7 @@ def _frames(name):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_golden_decodes_to_recorded_pixels(name, threads):
     torch.set_num_threads(threads)
-    _, fmt, _ = SOURCES[name]
+    _, fmt, _, _ = SOURCES[name]
     out = codec.decode_frames(_frames(name), fmt)
     assert [_sha(o) for o in out] == [f["pixels_sha256"] for f in INDEX[name]["frames"]]
 
@@ -40,19 +40,19 @@ def test_golden_decodes_to_recorded_pixels(name, threads):
 @pytest.mark.parametrize("batch_size", [1, 2, 8])
 def test_batch_size_does_not_change_pixels(batch_size):
     name = "emri_small_12u_3frames"
-    _, fmt, _ = SOURCES[name]
+    _, fmt, _, _ = SOURCES[name]
     out = codec.decode_frames(_frames(name), fmt, batch_size=batch_size)
     assert [_sha(o) for o in out] == [f["pixels_sha256"] for f in INDEX[name]["frames"]]
 
 
 @pytest.mark.parametrize("name", sorted(INDEX))
 def test_encoder_reproduces_golden_bytes(name):
-    frames, fmt, max_error = SOURCES[name]
-    assert codec.encode_frames(frames(), fmt, max_error=max_error) == _frames(name)
+    frames, fmt, max_error, model_id = SOURCES[name]
+    assert codec.encode_frames(frames(), fmt, max_error=max_error, model_id=model_id) == _frames(name)
 
 
 def test_lossless_golden_equals_source_pixels():
-    for name, (frames, fmt, max_error) in SOURCES.items():
+    for name, (frames, fmt, max_error, _) in SOURCES.items():
         if max_error:
             continue
         assert [_sha(f.astype(fmt.dtype)) for f in frames()] == [f["pixels_sha256"] for f in INDEX[name]["frames"]]

@@ -20,10 +20,12 @@ def _generated():
     return [smooth_image(37, 53, 10, signed=True, seed=7)]
 
 
+# name: (frames, pixel format, max_error, model id)
 SOURCES = {
-    "ct_small_16s": (*_file("CT_small.dcm"), 0),
-    "emri_small_12u_3frames": (*_file("emri_small.dcm", 3), 0),
-    "sc_rgb_8u": (*_file("SC_rgb.dcm"), 0),
-    "generated_37x53_10s": (_generated, PixelFormat(37, 53, 1, 16, 10, True, "MONOCHROME2"), 0),
-    "ct_small_near_lossless_3": (*_file("CT_small.dcm"), 3),
+    "ct_small_16s": (*_file("CT_small.dcm"), 0, "nnc-lossless-1"),
+    "emri_small_12u_3frames": (*_file("emri_small.dcm", 3), 0, "nnc-lossless-1"),
+    "sc_rgb_8u": (*_file("SC_rgb.dcm"), 0, "nnc-lossless-1"),
+    "generated_37x53_10s": (_generated, PixelFormat(37, 53, 1, 16, 10, True, "MONOCHROME2"), 0, "nnc-lossless-1"),
+    "ct_small_near_lossless_3": (*_file("CT_small.dcm"), 3, "nnc-lossless-1"),
+    "ct_small_16s_nolstm": (*_file("CT_small.dcm"), 0, "nnc-lossless-1-nolstm"),
 }
