@@ -131,6 +131,33 @@ def test_a_tls_peer_is_recognised_only_over_tls(tmp_path, certs, caplog):
     assert any("without TLS" in r.getMessage() for r in caplog.records)
 
 
+def test_c_move_to_a_tls_peer_goes_over_tls_with_the_node_certificate(tmp_path, certs):
+    import ssl
+    from pydicom.dataset import Dataset
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+    from scp.testing import StorageSCP, move
+    dest = StorageSCP("TLSDEST")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=certs["ca"])
+    ctx.verify_mode = ssl.CERT_REQUIRED                  # the destination wants the node's own certificate
+    ctx.load_cert_chain(certs["client.crt"], certs["client.key"])
+    from pynetdicom import evt
+    dest.server = dest.ae.start_server(("127.0.0.1", 0), block=False, ssl_context=ctx,
+                                       evt_handlers=[(evt.EVT_C_STORE, dest._on_store)])
+    try:
+        peers = [{"ae_title": "SCU", "host": "127.0.0.1", "port": 1},
+                 {"ae_title": "TLSDEST", "host": "127.0.0.1", "port": dest.port, "tls": True}]
+        with running_node(tmp_path / "s", peers=peers, compression={"workers": 0}, tls=tls_settings(certs)) as node:
+            ds = ct()
+            assert send(node.port, [ds]) == [0]
+            q = Dataset()
+            q.QueryRetrieveLevel, q.StudyInstanceUID = "STUDY", ds.StudyInstanceUID
+            final = move(node.port, q, "TLSDEST", MOVE)
+            assert (final.Status, final.NumberOfCompletedSuboperations) == (0, 1)
+            assert [str(d.SOPInstanceUID) for _, d in dest.received] == [ds.SOPInstanceUID]
+    finally:
+        dest.stop()
+
+
 @pytest.mark.parametrize("tls, path, reason", [
     ({"port": 0}, "tls.certificate", "required when tls.port"),
     ({"client_certificates": "sometimes"}, "tls.client_certificates", "one of none, optional, required"),
