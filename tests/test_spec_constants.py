@@ -154,7 +154,14 @@ def test_weights_file_as_specified():
         assert header["config"] == spec["config"]
         assert [a["name"] for a in header["arrays"]] == sorted(a["name"] for a in header["arrays"])
         assert {a["name"]: [a["dtype"], a["shape"]] for a in header["arrays"]} == spec["arrays"]
-        assert zoo.load_model(model_id).digest.hex() == spec["sha256"]
+        model = zoo.load_model(model_id)
+        assert model.digest.hex() == spec["sha256"] and model.model_id == model_id
+        assert model.net.use_lstm == spec["config"]["use_lstm"]
+        # section 4.2: the lstm.* arrays exist exactly when use_lstm is true
+        assert any(name.startswith("lstm.") for name in spec["arrays"]) == spec["config"]["use_lstm"]
+    assert set(zoo.available_models()) == set(w["models"]), "every shipped model is specified in the annex"
+    with_lstm, without = w["models"]["nnc-lossless-1"], w["models"]["nnc-lossless-1-nolstm"]
+    assert {k: v for k, v in with_lstm["arrays"].items() if not k.startswith("lstm.")} == without["arrays"]
 
 
 # ---- section 5: pyramid, features, network ----------------------------------------------------------
@@ -330,10 +337,24 @@ def test_constriction_matches_the_annex_and_the_symbol_layout():
 
     dec = _SpecRangeDecoder(payload)
     assert dec.uniform(e["scale_adjust_bits"]) - e["scale_adjust_zero"] == 7
-    t = np.array([4 * jj + (ff if max(0, (jj - 36) // 6 - 2) == 0 else 0) for jj, ff in zip(j, f)])
-    out = np.zeros(n, dtype=np.int64)
-    escapes = 0
-    for table in sorted(set(t.tolist())):
+    t = _spec_tables(j, f)
+    _, out, escapes = _spec_decode_step(dec, tables, t, bits)
+    assert escapes == len(r[::37]) + len(r[5::37])
+    assert np.array_equal(out, r)
+
+
+def _spec_tables(j, f) -> list[int]:
+    """Section 5.10: table t = 4*j' + f, the quarter forced to 0 where k(j') > 0."""
+    return [int(4 * jj + (ff if max(0, (jj - 36) // 6 - 2) == 0 else 0)) for jj, ff in zip(j, f)]
+
+
+def _spec_decode_step(dec: "_SpecRangeDecoder", tables, t, bits):
+    """Section 5.10 after the adjustment symbol: groups by table (stable), symbols, low bits, escapes.
+    Returns (symbols, residuals, number of escapes), each list in the order of ``t``."""
+    e = C["entropy"]
+    n = len(t)
+    syms_out, out, escapes = [0] * n, [0] * n, 0
+    for table in sorted(set(t)):
         idx = [i for i in range(n) if t[i] == table]                  # raster order kept (stable)
         length = int(tables.offsets[table + 1] - tables.offsets[table])
         zmax = (length - 3) // 2
@@ -352,9 +373,9 @@ def test_constriction_matches_the_annex_and_the_symbol_layout():
                 width = eval(e["escape_value_bits"], {}, {"bits": bits})          # noqa: S307
                 vals[q] = dec.uniform(width) - eval(e["escape_value_offset"], {}, {"bits": bits})  # noqa: S307
                 escapes += 1
-        out[idx] = vals
-    assert escapes == len(r[::37]) + len(r[5::37])
-    assert np.array_equal(out, r)
+        for q, i in enumerate(idx):
+            syms_out[i], out[i] = syms[q], vals[q]
+    return syms_out, out, escapes
 
 
 def test_near_lossless_shift():
@@ -383,10 +404,14 @@ def test_verified_constriction_version_is_admitted_by_the_pin():
 
 # ---- section 9: worked example ----------------------------------------------------------------------
 
+def _example_format() -> PixelFormat:
+    return PixelFormat(EX["rows"], EX["columns"], 1, EX["bits_allocated"], EX["bits_stored"],
+                       bool(EX["pixel_representation"]), EX["photometric"])
+
+
 def test_worked_example_bytes():
     img = np.array(EX["pixels"], dtype="<u2")
-    fmt = PixelFormat(EX["rows"], EX["columns"], 1, EX["bits_allocated"], EX["bits_stored"],
-                      bool(EX["pixel_representation"]), EX["photometric"])
+    fmt = _example_format()
     data = codec.encode_frame(img, fmt, max_error=EX["max_error"], model_id=EX["model_id"], device="cpu")
     assert data.hex() == EX["frame_hex"]
     h, payloads = B.unpack(data)
@@ -397,3 +422,65 @@ def test_worked_example_bytes():
     dec = _SpecRangeDecoder(payloads[0])
     assert [dec.uniform(EX["bits_stored"]) for _ in range(4)] == EX["base"]
     assert dec.uniform(6) - 32 == EX["adjustments"]["D"]
+
+
+def test_worked_example_trace():
+    """The trace tables of section 9: loc, u, lu, mu4 and j from the code's network; m and s consistent
+    with them (section 5.7); then the whole payload decoded with the annex's range decoder and symbol
+    layout (sections 5.3, 5.9, 5.10), giving the listed adjustments, tables, symbols, residuals and pixels."""
+    img = np.array(EX["pixels"], dtype=np.int64)
+    bits = EX["bits_stored"]
+    model = zoo.load_model(EX["model_id"])
+    sizes = P.level_sizes(EX["rows"], EX["columns"])
+    assert sizes == [(4, 4), (2, 2)]
+    levels = P.level_images(torch.as_tensor(img)[None], sizes)
+    seen = {}
+
+    def code_step(phase, level, pred, mask):
+        assert level == 0 and bool(mask.all())                        # every position of this example is coded
+        seen[phase] = {"loc": pred.ctx.loc, "u": pred.ctx.u, "lu": pred.ctx.lu, "mu4": pred.mu4, "j": pred.j}
+        return P.split_phases(levels[level], sizes[level + 1])[phase]
+
+    with torch.no_grad():
+        CM.PyramidRun(model.net, torch.tensor([bits]), sizes, integer=True).run(levels[-1], code_step)
+    maxv = (1 << bits) - 1
+    for phase in P.PHASES:
+        st = EX["steps"][phase]
+        for key in ("loc", "u", "lu", "mu4", "j"):
+            assert seen[phase][key][0].flatten().tolist() == st[key], (phase, key)
+        for q in range(4):
+            loc, u, lu, m, s = (st[k][q] for k in ("loc", "u", "lu", "m", "s"))
+            assert st["mu4"][q] == min(max(4 * loc + (m * u) // 4, 0), 4 * maxv)
+            assert st["j"][q] == min(max(lu + 36 + (6 * s + 8) // 16, 0), 132)
+
+    data = bytes.fromhex(EX["frame_hex"])
+    _, payloads = B.unpack(data)
+    dec = _SpecRangeDecoder(payloads[0])
+    base = [dec.uniform(bits) for _ in range(4)]
+    assert base == EX["base"] == img[0::2, 0::2].flatten().tolist()
+    grids = {"B": img[0::2, 1::2], "C": img[1::2, 0::2], "D": img[1::2, 1::2]}
+    for phase in P.PHASES:
+        st = EX["steps"][phase]
+        d = dec.uniform(6) - 32
+        assert d == EX["adjustments"][phase]
+        jp = [min(max(j + d, 0), 132) for j in st["j"]]
+        t = _spec_tables(jp, [mu4 % 4 for mu4 in st["mu4"]])
+        assert t == st["table"], phase
+        syms, r, escapes = _spec_decode_step(dec, model.tables, t, bits)
+        assert (syms, r, escapes) == (st["symbol"], st["r"], 0), phase
+        assert [mu4 // 4 + rr for mu4, rr in zip(st["mu4"], r)] == grids[phase].flatten().tolist(), phase
+
+
+@pytest.mark.parametrize("model_id", sorted(EX["other_models"]))
+def test_worked_example_with_other_models(model_id):
+    spec = EX["other_models"][model_id]
+    img = np.array(EX["pixels"], dtype="<u2")
+    fmt = _example_format()
+    data = codec.encode_frame(img, fmt, max_error=EX["max_error"], model_id=model_id, device="cpu")
+    assert data.hex() == spec["frame_hex"]
+    h, _ = B.unpack(data)
+    assert h.model_id == model_id and h.header_size == spec["header_size"] == 55 + len(model_id) + 4
+    assert h.pixel_crc == EX["pixel_crc"]
+    assert int.from_bytes(data[h.size - 4:h.size], "little") == spec["frame_crc"]
+    assert len(data) == h.size + (len(model_id) % 2 == 0)                  # pad byte exactly when n is even
+    assert np.array_equal(codec.decode_frame(data, fmt, device="cpu"), img)
