@@ -27,7 +27,8 @@ from . import config as C
 from . import faults, query
 from .commitment import BadRequest, Commitments, parse_request
 from .index import Index
-from .ingest import NOT_AUTHORISED, Ingest, Received
+from .checks import NOT_AUTHORISED
+from .ingest import Ingest, Received
 from .retrieve import Retrieval, accepted_syntaxes
 from .transport import GuardedSocket, is_tls, tls_args
 

@@ -26,8 +26,7 @@ from pynetdicom.dsutils import encode_file_meta
 import dicom_nncodec
 
 from . import checks, faults
-from .checks import (CANNOT_UNDERSTAND, DUPLICATE, NOT_AUTHORISED, OUT_OF_RESOURCES, SUCCESS,  # noqa: F401
-                     StoreRefused)
+from .checks import CANNOT_UNDERSTAND, DUPLICATE, OUT_OF_RESOURCES, SUCCESS, StoreRefused
 from .config import Config
 from .index import COMPRESSED, NOT_IMAGE, PENDING, Index, facts_from_dataset
 from .storage import Storage

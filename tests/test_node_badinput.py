@@ -116,7 +116,7 @@ CASES = {
     # (build, expected status, words of the logged reason)
     "valid-explicit": (lambda: item(ct()), OK, ""),
     "valid-implicit": (lambda: item(ct(), ts=ImplicitVRLittleEndian), OK, ""),
-    "valid-private": (lambda: item(d := compressed(), ts=NNCodecLossless), OK, ""),
+    "valid-private": (lambda: item(compressed(), ts=NNCodecLossless), OK, ""),
     "truncated-header": (lambda: item(d := ct(), encoded(d)[:10]), C000, "missing"),
     "truncated-elements": (lambda: item(d := ct(), encoded(d)[:700]), C000, ""),
     "truncated-pixels": (lambda: item(d := ct(), encoded(d)[:-5000]), C000, "announces"),
@@ -148,7 +148,7 @@ CASES = {
                                           ts=NNCodecLossless), C000, "damaged"),
     "private-truncated-frame": (lambda: item(with_frames(d := compressed(), [private_frame(d)[:-40]]),
                                              ts=NNCodecLossless), C000, "damaged"),
-    "private-foreign-frame": (lambda: item(with_frames(d := compressed(), [private_frame(compressed(
+    "private-foreign-frame": (lambda: item(with_frames(compressed(), [private_frame(compressed(
         make_dataset(smooth_image(16, 16, 16)[None], 16, 16)))]), ts=NNCodecLossless), C000, "the dataset says"),
     "private-missing-frame": (lambda: item(raw_frames_mismatch(), ts=NNCodecLossless), C000,
                               "Number of Frames says 2"),
@@ -428,7 +428,7 @@ def test_c_find_with_bad_keys(node, case, caplog):
     status, _ = find(node.port, ident, STUDY_FIND)
     assert status == expected
     if expected != OK:
-        assert any(f"C-FIND from SCU@127.0.0.1" in r.getMessage() and "refused" in r.getMessage()
+        assert any("C-FIND from SCU@127.0.0.1" in r.getMessage() and "refused" in r.getMessage()
                    for r in caplog.records)
     assert send(node.port, [ct()]) == [OK]              # the node goes on
 

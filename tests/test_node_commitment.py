@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 
-import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
