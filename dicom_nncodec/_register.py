@@ -54,7 +54,7 @@ def _wrap_dataset_methods() -> None:
             return original_compress(self, transfer_syntax_uid, arr, encoding_plugin, encapsulate_ext, **kwargs)
         from .dataset import apply_lossy_attributes
         from .pixels import PixelFormat
-        PixelFormat.from_dataset(self).validate()      # a clear refusal before pydicom touches the frames
+        PixelFormat.from_dataset(self, for_encoding=True).validate()  # a clear refusal before pydicom touches the frames
         lossy = ts == NNCodecLossy
         new_uid = lossy if generate_instance_uid is _UNSET else bool(generate_instance_uid)
         if arr is None and self.original_encoding[1] is False:

@@ -99,7 +99,7 @@ def compress_many(datasets: list[Dataset], syntax=NNCodecLossless, *, max_error:
         raise UnsupportedPixelData("NNCodecLossy needs max_error=N (1..255)")
     groups: dict[PixelFormat, list[tuple[Dataset, list[np.ndarray]]]] = {}
     for ds in datasets:
-        fmt = PixelFormat.from_dataset(ds).validate()
+        fmt = PixelFormat.from_dataset(ds, for_encoding=True).validate()
         groups.setdefault(fmt, []).append((ds, frames_of(ds)))
     for fmt, items in groups.items():
         frames = [f for _, fs in items for f in fs]

@@ -32,7 +32,9 @@ class PixelFormat:
     photometric: str
 
     @classmethod
-    def from_dataset(cls, ds) -> "PixelFormat":
+    def from_dataset(cls, ds, *, for_encoding: bool = False) -> "PixelFormat":
+        """The pixel description of ``ds``.  ``for_encoding`` also refuses layouts the encoder would
+        alter (High Bit other than Bits Stored - 1); decoding never needs that check."""
         missing = [k for k in ("Rows", "Columns", "BitsAllocated", "PhotometricInterpretation")
                    if k not in ds]
         if missing:
@@ -42,7 +44,8 @@ class PixelFormat:
         fmt = cls(int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated),
                   int(ds.get("BitsStored", ds.BitsAllocated)), bool(ds.get("PixelRepresentation", 0)),
                   str(ds.PhotometricInterpretation).strip())
-        check_high_bit(ds.get("HighBit"), fmt.bits_stored)
+        if for_encoding:
+            check_high_bit(ds.get("HighBit"), fmt.bits_stored)
         return fmt
 
     def validate(self) -> "PixelFormat":

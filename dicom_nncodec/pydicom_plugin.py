@@ -49,6 +49,8 @@ def _decode_frame(src: bytes, runner) -> bytes:
 
 def _encode_frame(src: bytes, runner) -> bytes:
     fmt = _runner_format(runner).validate()
+    # pydicom 3.0 hands encoders no High Bit; Dataset.compress checks it before this point (see
+    # _register), and a caller of the low-level Encoder API may pass high_bit=... itself
     check_high_bit(runner.get_option("high_bit", None), fmt.bits_stored)
     max_error = int(runner.get_option("max_error", 0) or 0)
     if runner.transfer_syntax == NNCodecLossless and max_error:

@@ -87,6 +87,15 @@ def read_weights(data: bytes) -> LoadedModel:
     if needed != given:
         raise ValueError(f"weights file arrays do not match the model: missing {sorted(needed - given)}, "
                          f"unexpected {sorted(given - needed)}")
+    for name, arr in arrays.items():
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"array {name} has dtype {arr.dtype}; weights files hold integers only")
+    offsets, freqs = arrays.get("tables.offsets"), arrays.get("tables.freqs")
+    if offsets is None or freqs is None or offsets.ndim != 1 or freqs.ndim != 1 or int(offsets[-1]) != len(freqs):
+        raise ValueError("weights file lacks consistent probability tables")
+    unknown = set(header) - {"model_id", "config", "extra", "arrays"}
+    if unknown:
+        raise ValueError(f"unknown weights file header keys {sorted(unknown)}")
     for name in given:
         arr = arrays[name]
         if tuple(arr.shape) != tuple(state[name].shape):

@@ -244,3 +244,34 @@ def test_files_written_name_this_implementation(tmp_path):
     meta = dcmread(tmp_path / "x.dcm").file_meta
     assert meta.ImplementationClassUID == dicom_nncodec.IMPLEMENTATION_CLASS_UID
     assert meta.ImplementationVersionName == dicom_nncodec.IMPLEMENTATION_VERSION_NAME
+
+
+def test_pydicom_encoder_api_refuses_unusual_high_bit_when_told():
+    from pydicom.pixels import get_encoder
+    ds = make_dataset(smooth_image(8, 8, 12)[None], 16, 12)
+    with pytest.raises(Exception, match="High Bit 15"):
+        get_encoder(NNCodecLossless).encode(ds, high_bit=15)
+
+
+def test_unusual_high_bit_still_decodes():
+    """Only encoding refuses it: data compressed with such a header (by an earlier writer) still decodes."""
+    ds = make_dataset(smooth_image(8, 8, 12)[None], 16, 12)
+    ref = ds.pixel_array.copy()
+    dicom_nncodec.compress(ds)
+    ds.HighBit = 15
+    dicom_nncodec.decompress(ds)
+    ds.HighBit = 11
+    np.testing.assert_array_equal(ds.pixel_array, ref)
+
+
+def test_weights_with_float_arrays_are_refused():
+    from dicom_nncodec import zoo
+    data = zoo.available_models()["nnc-lossless-1"].read_bytes()
+    import json
+    n = struct.unpack_from("<I", data, len(zoo.MAGIC))[0]
+    header = json.loads(data[len(zoo.MAGIC) + 4:len(zoo.MAGIC) + 4 + n])
+    header["arrays"][0]["dtype"] = "<f4"
+    hj = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    forged = zoo.MAGIC + struct.pack("<I", len(hj)) + hj + data[len(zoo.MAGIC) + 4 + n:]
+    with pytest.raises(ValueError, match="integers only"):
+        zoo.read_weights(forged)
