@@ -636,11 +636,12 @@ class Index:
             queue = dict(s.execute(select(QueueItem.state, func.count()).group_by(QueueItem.state)).all())
             counts = {name: s.scalar(select(func.count()).select_from(model)) or 0
                       for name, model in (("patients", Patient), ("studies", Study), ("series", Series))}
+            commitments = dict(s.execute(select(Commitment.state, func.count()).group_by(Commitment.state)).all())
             nfail = s.scalar(select(func.count()).select_from(Failure)) or 0
             recent = s.execute(select(Failure.at, Failure.stage, Failure.sop_uid, Failure.reason)
                                .order_by(Failure.id.desc()).limit(10)).all()
         return {"instances": n, "received_bytes": int(rx), "stored_bytes": int(disk), "by_state": by_state,
-                "queue": queue, "failures": nfail, "recent_failures": recent, **counts}
+                "queue": queue, "commitments": commitments, "failures": nfail, "recent_failures": recent, **counts}
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

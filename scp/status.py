@@ -32,7 +32,9 @@ def report_for(cfg: C.Config) -> str:
     """The status text for a loaded configuration."""
     url = C.resolved_index_url(cfg)
     shown_url = make_url(url).render_as_string(hide_password=True)
-    lines = [f"node {cfg.ae_title} (port {cfg.port}, configuration {cfg.source})",
+    ports = ", ".join(f"{name} {port}" for name, port in (("port", cfg.port), ("TLS port", cfg.tls.port))
+                      if port is not None)
+    lines = [f"node {cfg.ae_title} ({ports}, configuration {cfg.source})",
              f"storage  {os.path.abspath(cfg.storage_path)}",
              f"index    {shown_url}"]
     db = make_url(url).database if url.startswith("sqlite") else None
@@ -55,6 +57,8 @@ def report_for(cfg: C.Config) -> str:
         "state    " + ", ".join(f"{k} {states.get(k, 0)}" for k in
                                 ("compressed", "pending", "kept", "failed", "not_image")),
         f"queue    {sum(queue.values())} ({queue.get('queued', 0)} waiting, {queue.get('running', 0)} in progress)",
+        "commit   " + (", ".join(f"{n} {state.replace('_', ' ')}" for state, n in sorted(st["commitments"].items()))
+                           or "no storage commitment requests"),
         f"failures {st['failures']} recorded" + (", most recent first:" if st["recent_failures"] else ""),
     ]
     for at, stage, uid, reason in st["recent_failures"]:

@@ -33,6 +33,7 @@ log = logging.getLogger("scp.transport")
 P_DATA_TF = 0x04
 OTHER_PDU_LIMIT = 1 << 20      # A-ASSOCIATE-RQ with many contexts stays far below this
 PDU_SLACK = 64                 # implementations differ on whether the limit counts PDV item headers
+IDLE_POLL = 0.005              # seconds (pynetdicom: 0.001); only while nothing arrives, so transfers keep their speed
 
 
 # --- TLS ------------------------------------------------------------------------------------------
@@ -128,31 +129,33 @@ class GuardedSocket(AssociationSocket):
 
     def _cap_datasets(self, body: bytearray) -> bytearray:
         """The P-DATA-TF body with data-set fragment bytes past the limit left out (items kept)."""
-        out, pos, changed = bytearray(), 0, False
+        items, cut, pos = [], False, 0
         while pos + 6 <= len(body):
             item_len = struct.unpack_from(">L", body, pos)[0]
             end = pos + 4 + item_len
             if item_len < 2 or end > len(body):
                 return body                      # malformed: let pynetdicom refuse it
             control = body[pos + 5]
+            drop = False
             if control & 1:                      # command fragment: a new message starts
                 self._dataset_bytes = 0
-                out += body[pos:end]
             else:
-                n = item_len - 2
-                if self._dataset_bytes + n > self.dataset_limit:
+                self._dataset_bytes += item_len - 2
+                if self._dataset_bytes > self.dataset_limit:
                     if not self.oversized:
                         log.warning("data set from %s is larger than limits.max_instance_mb: the rest is discarded",
                                     self.assoc.requestor.address)
-                    self.oversized, changed = True, True
-                    out += struct.pack(">L", 2) + body[pos + 4:pos + 6]
-                else:
-                    out += body[pos:end]
-                self._dataset_bytes += n
+                    self.oversized = drop = cut = True
                 if control & 2:                  # last fragment of the data set
                     self._dataset_bytes = 0
+            items.append((pos, end, drop))
             pos = end
-        return out if changed else body
+        if not cut:
+            return body
+        out = bytearray()
+        for pos, end, drop in items:
+            out += struct.pack(">L", 2) + body[pos + 4:pos + 6] if drop else body[pos:end]
+        return out
 
 
 class _Handler(RequestHandler):
@@ -161,6 +164,7 @@ class _Handler(RequestHandler):
         sock = assoc.dul.socket
         sock.__class__ = GuardedSocket           # (constructing a second socket would queue a second Evt5)
         sock.guard(*self.server.limits)
+        assoc.dul._run_loop_delay = IDLE_POLL    # an idle association polls its socket less often
         return assoc
 
 

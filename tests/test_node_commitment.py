@@ -16,6 +16,7 @@ from pynetdicom.sop_class import (CTImageStorage, MRImageStorage, StorageCommitm
                                   StorageCommitmentPushModelInstance)
 
 import dicom_nncodec
+from scp.status import report_for
 from scp.index import Instance
 from scp.node import Node
 from scp.testing import CommitmentSCU, node_config, running_node, send
@@ -127,6 +128,7 @@ def test_report_on_a_new_association_and_after_a_restart(tmp_path):
             while again.index.commitments()[second] != "delivered" and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert again.index.commitments() == {first: "delivered", second: "delivered"}
+            assert "commit   2 delivered" in report_for(again.cfg)
     finally:
         scu.stop()
 
