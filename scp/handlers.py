@@ -151,7 +151,7 @@ def handle_store(event, services: Services) -> int:
         log.warning("C-STORE from %s refused: not allowed to store", _peer(assoc))
         return NOT_AUTHORISED
     req = event.request
-    data = req.DataSet.getbuffer()          # the received bytes themselves, not a copy
+    data = req.DataSet.getbuffer() if req.DataSet is not None else memoryview(b"")   # the bytes, not a copy
     try:
         status = services.ingest.store(Received(data, event.context.transfer_syntax, str(req.AffectedSOPClassUID or ""),
                                                 str(req.AffectedSOPInstanceUID or ""), calling,
