@@ -339,17 +339,9 @@ def test_movescu_to_an_unknown_destination_fails_with_a801(node, dcmtk, sent, he
 
 # --- output validity ---------------------------------------------------------------------------------------
 
-J2K_RGB_GAP = ("gap: transcoding an RGB image to JPEG 2000 lossless keeps Photometric Interpretation RGB (no "
-               "reversible colour transform); the US (and VL) IODs require YBR_RCT for reversible JPEG 2000, so "
-               "dciodvfy reports 'Unrecognized enumerated value <RGB>' for the US instance.  Fix in "
-               "scp/transcode.py encode_as: set PhotometricInterpretation = 'YBR_RCT' on 3-sample RGB data before "
-               "compress(JPEG2000Lossless) (pydicom then applies the RCT; pixels still decode to the same RGB); "
-               "CONFORMANCE.md 9.3")
 
 
-@pytest.mark.parametrize("opts", [[], ["+xt"], pytest.param(["+xv"], marks=pytest.mark.xfail(strict=True,
-                                                                                          reason=J2K_RGB_GAP))],
-                         ids=["explicit", "jpeg-ls", "jpeg2000"])
+@pytest.mark.parametrize("opts", [[], ["+xt"], ["+xv"]], ids=["explicit", "jpeg-ls", "jpeg2000"])
 def test_retrieved_instances_are_no_less_valid_than_those_sent(getscu_results, sent, helpers, dciodvfy, opts):
     folder, _ = getscu_results[" ".join(opts)]
     worse = []
