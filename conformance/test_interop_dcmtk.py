@@ -205,10 +205,6 @@ def test_findscu_returns_a_non_ascii_name_in_utf8(node, dcmtk, helpers, tmp_path
     assert rsp[0].SpecificCharacterSet == "ISO_IR 192"
 
 
-@pytest.mark.xfail(strict=True, reason="gap: PN matching upper-cases the key in Python (Unicode) but the column "
-                   "with SQLite's upper(), which changes ASCII letters only, so a name with non-ASCII letters never "
-                   "matches a PatientName key, not even an exact one (scp/query.py single_value/wildcard, kind 'pn'; "
-                   "CONFORMANCE.md 9.3)")
 @pytest.mark.parametrize("name", ["Müller^Jürgen", "Mü*", "müller*"])
 def test_findscu_matches_a_non_ascii_person_name(node, dcmtk, helpers, tmp_path, latin1_patient, name):
     rsp = findscu(node, dcmtk, helpers, tmp_path, "-P",

@@ -652,3 +652,10 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA busy_timeout=60000")
     cur.execute("PRAGMA case_sensitive_like=ON")  # DICOM wildcard matching is case-sensitive (PN aside)
     cur.close()
+    # SQLite's built-in upper() changes ASCII letters only; person names are matched case-insensitively
+    # by upper-casing both sides, so the column must be upper-cased the way Python upper-cases the key
+    dbapi_conn.create_function("upper", 1, _unicode_upper, deterministic=True)
+
+
+def _unicode_upper(value):
+    return value.upper() if isinstance(value, str) else value
