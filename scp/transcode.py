@@ -130,7 +130,7 @@ def encode_as(native: Dataset, target: UID, device: str = "auto", batch_size: in
     if target == NNCodecLossless:
         return dicom_nncodec.compress(out, NNCodecLossless, device=device, batch_size=batch_size)
     if target in ENCODED_BY_PYDICOM:
-        if target == JPEG2000Lossless and out.get("SamplesPerPixel", 1) == 3 \
+        if target == U.JPEG2000Lossless and out.get("SamplesPerPixel", 1) == 3 \
                 and out.get("PhotometricInterpretation") == "RGB":
             # PS3.5 8.2.4: RGB in JPEG 2000 Lossless is sent with the reversible colour transform,
             # labelled YBR_RCT (what IODs such as US require); pydicom applies the transform
