@@ -1,14 +1,20 @@
 """CONFORMANCE.md against the code: every table marked ``<!-- check: NAME -->`` is compared with what
-the node does, statically (the configuration, ``scp.node.build_ae``, ``scp.transcode``, ``scp.query``)
-and live (a node on a free port: the contexts it supports, a negotiation proposing every known
-transfer syntax, a C-FIND at each level asking for every key the statement lists).
+the node does, statically (the configuration, ``scp.node.build_ae``, ``scp.transcode``, ``scp.query``,
+``scp.commitment``, the TLS contexts of ``scp.transport``) and live (a node on a free port: the
+contexts it supports, a negotiation proposing every known transfer syntax, a C-FIND at each level
+asking for every key the statement lists, a Storage Commitment request answered on the same
+association and one answered on a new association).
 
-No external tool is needed: these tests run with the normal suite.
+No external peer is needed: these tests run with the normal suite (the TLS check makes its test
+certificates with the ``openssl`` command and is skipped without it).
 """
 from __future__ import annotations
 
 import os
 import re
+import ssl
+import threading
+import time
 
 import pytest
 import yaml
@@ -18,16 +24,18 @@ from pydicom.datadict import dictionary_description, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 import pydicom.uid as U
-from pynetdicom import AE, AllStoragePresentationContexts, build_context, build_role
-from pynetdicom.sop_class import (CTImageStorage, PatientRootQueryRetrieveInformationModelFind,
-                                  StudyRootQueryRetrieveInformationModelFind,
+from pynetdicom import AE, AllStoragePresentationContexts, build_context, build_role, evt
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.sop_class import (CTImageStorage, MRImageStorage, PatientRootQueryRetrieveInformationModelFind,
+                                  StorageCommitmentPushModel, StudyRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelGet, Verification)
 
 import dicom_nncodec
+from scp import commitment
 from scp import config as C
 from scp import query, rules, transcode
 from scp.node import QR_MODELS, build_ae
-from scp.testing import find, running_node, send
+from scp.testing import CommitmentSCU, find, make_certificates, running_node, send
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STATEMENT = os.path.join(HERE, "CONFORMANCE.md")
@@ -158,7 +166,7 @@ def test_accepted_other_syntaxes(ae):
     (row,) = table("accepted-other-ts")
     listed = [uid_of_name(n.strip()) for n in row[1].split(",")]
     supported = contexts_by_class(ae)
-    for model in (Verification, *QR_MODELS):
+    for model in (Verification, StorageCommitmentPushModel, *QR_MODELS):
         assert supported[str(model)] == listed, model
 
 
@@ -282,6 +290,20 @@ def test_transcoding_table(defaults):
                     assert transcoding_value(stored, target, pref) == cell, (label, stored.name, col, target.name)
 
 
+def test_rgb_sent_as_jpeg_2000_lossless_is_ybr_rct(defaults):
+    """5.2 and 8.1: the one attribute transcoding changes besides the pixel data's encoding."""
+    assert "| Photometric Interpretation (0028,0004) | transcoding of an RGB image to JPEG 2000 Lossless" in text()
+    original = dcmread(get_testdata_file("SC_rgb.dcm"))
+    assert original.PhotometricInterpretation == "RGB"
+    pixels = original.pixel_array.copy()
+    for target, photometric in ((U.JPEG2000Lossless, "YBR_RCT"), (U.JPEGLSLossless, "RGB")):
+        out = transcode.for_receiver(dcmread(get_testdata_file("SC_rgb.dcm")), {target}, defaults.retrieve_syntaxes)
+        assert out.file_meta.TransferSyntaxUID == target
+        assert out.PhotometricInterpretation == photometric, target.name
+        assert out.SOPInstanceUID == original.SOPInstanceUID
+        assert (out.pixel_array == pixels).all(), target.name
+
+
 # --- 4.2.1.4.3 Q/R keys ------------------------------------------------------------------------------------
 
 MATCHING = {
@@ -393,6 +415,124 @@ def test_query_retrieve_statuses():
     assert codes("retrieve-status") == {0xFF00, 0x0000, 0xB000, 0xA702, 0xA801, 0xFE00, 0xC416, 0xC516} | node_codes
 
 
+# --- 4.2.1.3.3 and 4.2.1.4.5 Storage Commitment ---------------------------------------------------------
+
+def flat() -> str:
+    return " ".join(text().split())
+
+
+def returned_constants(function, module) -> set[int]:
+    """The status constants a function of ``module`` returns or raises (``return NAME`` / ``BadRequest(NAME``)
+    and the literal ``0x....`` statuses it returns."""
+    import inspect
+    src = inspect.getsource(function)
+    out = {int(v, 16) for v in re.findall(r"return (0x[0-9A-Fa-f]{4})\b", src)}
+    out |= {getattr(module, n) for n in re.findall(r"(?:return|BadRequest\()\s*([A-Z_]+)\b", src)}
+    return out
+
+
+def test_commitment_action_statuses():
+    import scp.handlers as H
+    from_code = returned_constants(H.handle_n_action, commitment) | returned_constants(commitment.parse_request,
+                                                                                       commitment)
+    assert codes("commitment-action-status") == from_code
+    assert from_code == {0x0000, commitment.PROCESSING_FAILURE, commitment.NO_SUCH_SOP_INSTANCE,
+                         commitment.INVALID_ARGUMENT_VALUE, commitment.NO_SUCH_ACTION, commitment.NOT_AUTHORISED}
+
+
+def reason_codes() -> dict[str, int]:
+    return {r[0]: int(r[1], 16) for r in table("commitment-reasons")}
+
+
+def test_commitment_failure_reasons():
+    reasons = reason_codes()
+    assert reasons == {"Processing failure": commitment.PROCESSING_FAILURE,
+                       "No such object instance": commitment.NO_SUCH_OBJECT_INSTANCE,
+                       "Class / instance conflict": commitment.CLASS_INSTANCE_CONFLICT}
+    # every reason the evaluation can give is listed (and nothing else)
+    assert {v for v in returned_constants(commitment.Commitments._evaluate, commitment) if v} == set(reasons.values())
+
+
+def test_commitment_event_types_and_timing():
+    rows = table("commitment-events")
+    assert {int(r[0]) for r in rows} == {commitment.SUCCESS_EVENT, commitment.FAILURES_EVENT}
+    assert [int(r[0]) for r in rows if "Failed SOP Sequence" in r[2]] == [commitment.FAILURES_EVENT]
+    assert f"first waits {commitment.SAME_ASSOCIATION_GRACE:g} s" in flat()
+    assert f"waits at most {commitment.SAME_ASSOCIATION_WAIT:g} s" in flat()
+
+
+def test_live_commitment_report_on_the_same_association(live_node):
+    """A listed peer asks about a stored instance, an unknown one, and the stored one under another class."""
+    ct = live_node.ct
+    unknown = generate_uid()
+    scu = CommitmentSCU("SCU")
+    status, transaction = scu.ask(live_node.port, [(ct.SOPClassUID, ct.SOPInstanceUID), (CTImageStorage, unknown),
+                                                   (MRImageStorage, ct.SOPInstanceUID)])
+    assert status == 0 and len(scu.reports) == 1
+    event, info, how = scu.reports[0]
+    assert how == "the same association" and event == commitment.FAILURES_EVENT
+    assert (info.TransactionUID, info.RetrieveAETitle) == (transaction, "NNCODEC")
+    (row,) = [r for r in table("commitment-events") if int(r[0]) == event]
+    for name in ("Transaction UID", "Retrieve AE Title", "Referenced SOP Sequence", "Failed SOP Sequence"):
+        assert name in row[2] and keyword_of(name) in info, name
+    reasons = reason_codes()
+    assert [str(i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence] == [ct.SOPInstanceUID]
+    failed = {(str(i.ReferencedSOPInstanceUID), str(i.ReferencedSOPClassUID)): int(i.FailureReason)
+              for i in info.FailedSOPSequence}
+    assert failed == {(unknown, CTImageStorage): reasons["No such object instance"],
+                      (ct.SOPInstanceUID, MRImageStorage): reasons["Class / instance conflict"]}
+    status, _ = scu.ask(live_node.port, [(ct.SOPClassUID, ct.SOPInstanceUID)])
+    assert status == 0 and scu.reports[-1][0] == commitment.SUCCESS_EVENT
+    assert "FailedSOPSequence" not in scu.reports[-1][1]
+
+
+def test_live_commitment_report_on_a_new_association(tmp_path):
+    """The report goes on an association the node opens to the listed peer: the proposed context and roles."""
+    seen: dict = {}
+    got = threading.Event()
+
+    def on_requested(event):
+        rq = event.assoc.requestor.primitive
+        seen["contexts"] = [(str(cx.abstract_syntax), [str(t) for t in cx.transfer_syntax])
+                            for cx in rq.presentation_context_definition_list]
+        seen["roles"] = [(str(i.sop_class_uid), i.scu_role, i.scp_role) for i in rq.user_information
+                         if isinstance(i, SCP_SCU_RoleSelectionNegotiation)]
+        seen["calling"] = str(rq.calling_ae_title).strip()
+        seen["implementation"] = str(rq.implementation_class_uid)
+
+    def on_report(event):
+        seen["event"] = int(event.request.EventTypeID)
+        got.set()
+        return 0x0000, None
+
+    receiver = AE(ae_title="REPORTS")
+    receiver.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    server = receiver.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+        (evt.EVT_REQUESTED, on_requested), (evt.EVT_N_EVENT_REPORT, on_report)])
+    try:
+        peers = [{"ae_title": "REPORTS", "host": "127.0.0.1", "port": server.server_address[1]}]
+        with running_node(tmp_path / "s", peers=peers, compression={"workers": 0},
+                          commitment={"same_association": False}) as node:
+            status, transaction = CommitmentSCU("REPORTS").ask(node.port, [(CTImageStorage, generate_uid())],
+                                                               keep_open=False)
+            assert status == 0 and got.wait(30)
+            deadline = time.monotonic() + 10          # (recorded as delivered just after the response)
+            while node.index.commitments()[transaction] != "delivered" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert node.index.commitments()[transaction] == "delivered"
+    finally:
+        server.shutdown()
+    (row,) = table("commitment-proposed")
+    abstract, syntaxes, role, ext = row
+    (uid,) = re.findall(r"\b1\.2\.840\.10008[.0-9]*", abstract)
+    assert uid == str(StorageCommitmentPushModel) and abstract.startswith(UID(uid).name.removesuffix(" SOP Class"))
+    assert seen["contexts"] == [(uid, [uid_of_name(n.strip()) for n in syntaxes.split(",")])]
+    scu_role, scp_role = (int(v) for v in re.findall(r"(?:SCU|SCP) role ([01])", ext))
+    assert role == "SCP" and seen["roles"] == [(uid, bool(scu_role), bool(scp_role))] == [(uid, False, True)]
+    assert seen["calling"] == "NNCODEC" and seen["implementation"] == str(dicom_nncodec.IMPLEMENTATION_CLASS_UID)
+    assert seen["event"] == commitment.FAILURES_EVENT          # (an unknown instance: 0112)
+
+
 # --- 4.4 configuration, 7.2 access, 7.1 TLS -------------------------------------------------------------
 
 def leaves(d: dict, prefix: str = "") -> dict:
@@ -433,12 +573,16 @@ def test_configuration_table_is_the_default_file():
 
 
 def test_access_defaults(defaults):
+    import scp.handlers as H
     services = {"Verification (C-ECHO)": "echo", "Storage (C-STORE)": "store", "Query (C-FIND)": "find",
-                "Retrieve (C-GET)": "get", "Retrieve (C-MOVE)": "move"}
+                "Retrieve (C-GET)": "get", "Retrieve (C-MOVE)": "move", "Storage Commitment (N-ACTION)": "store"}
     words = {"any calling AE title": "any", "listed peers only": "peers"}
     rows = table("access")
-    assert {services[r[0]]: words[r[1]] for r in rows} == defaults.access
+    assert sorted(r[0] for r in rows) == sorted(services)
+    assert all(defaults.access[services[r[0]]] == words[r[1]] for r in rows)
+    assert {services[r[0]] for r in rows} == set(defaults.access)
     assert all(r[2] == f"access.{services[r[0]]}" for r in rows)
+    assert H.SERVICE_OF[StorageCommitmentPushModel] == services["Storage Commitment (N-ACTION)"]
 
 
 def test_tls_is_stated_as_implemented():
@@ -448,3 +592,57 @@ def test_tls_is_stated_as_implemented():
     assert described == has_tls
     if not has_tls:
         assert "not supported in this release" in text()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    try:
+        return make_certificates(tmp_path_factory.mktemp("certs"))
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+
+
+def tls_config(certs, mode: str = "required", version: str = "1.2") -> C.Config:
+    return C.load_dict({"tls": {"port": 0, "certificate": certs["server.crt"], "private_key": certs["server.key"],
+                                "ca_certificates": certs["ca"], "client_certificates": mode,
+                                "minimum_version": version}})
+
+
+def test_tls_profile(certs):
+    from scp import transport
+    rows = {r[0]: r[1] for r in table("tls-profile")}
+    assert list(rows) == ["Protocol versions", "TLS 1.2 cipher suites", "TLS 1.3 cipher suites", "Node certificate",
+                          "Client certificates on the listener", "Server certificates of TLS peers",
+                          "Revocation (CRL, OCSP)"]
+    # versions: the ones the configuration allows, each the context's floor
+    assert set(re.findall(r"\b1\.[0-9]\b", rows["Protocol versions"])) == set(C.TLS_VERSIONS)
+    assert "1.2, the default" in rows["Protocol versions"] and C.load(None).tls.minimum_version == "1.2"
+    for version in C.TLS_VERSIONS:
+        ctx = transport.server_context(tls_config(certs, version=version).tls)
+        assert ctx.minimum_version == getattr(ssl.TLSVersion, "TLSv1_" + version.split(".")[1])
+    # cipher suites: the stated OpenSSL string gives exactly the node's TLS 1.2 suites, all forward-secret AEAD
+    (cipher_string,) = re.findall(r"[A-Z0-9]+\+[A-Z0-9]+(?::[A-Z0-9]+\+[A-Z0-9]+)+", rows["TLS 1.2 cipher suites"])
+    stated = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    stated.set_ciphers(cipher_string)
+    node_ctx = transport.server_context(tls_config(certs).tls)
+    suites = [c for c in node_ctx.get_ciphers() if c["protocol"] == "TLSv1.2"]
+    assert {c["name"] for c in suites} == {c["name"] for c in stated.get_ciphers() if c["protocol"] == "TLSv1.2"}
+    assert suites and all(c["aead"] and c["kea"] in ("kx-ecdhe", "kx-dhe") for c in suites)
+    assert all(c["aead"] for c in node_ctx.get_ciphers() if c["protocol"] == "TLSv1.3")
+    # client certificates: the modes, and the CAs they are verified against (the configured file only)
+    modes = re.findall(r"\b(none|optional|required)\b", rows["Client certificates on the listener"])
+    assert modes == list(C.CLIENT_CERTIFICATES)
+    assert "against tls.ca_certificates only" in rows["Client certificates on the listener"]
+    for mode, verify in zip(C.CLIENT_CERTIFICATES, (ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED)):
+        ctx = transport.server_context(tls_config(certs, mode).tls)
+        assert ctx.verify_mode == verify and len(ctx.get_ca_certs()) == (0 if mode == "none" else 1)
+    # outgoing TLS: chain and host name verified; which CAs are trusted is what the statement (9.3) says
+    client = transport.client_context(tls_config(certs).tls)
+    assert client.verify_mode == ssl.CERT_REQUIRED and client.check_hostname
+    system_too = len(client.get_ca_certs()) > 1
+    assert ("also the operating system's trusted CAs" in rows["Server certificates of TLS peers"]) == system_too
+    assert ("Outgoing TLS also trusts the operating system's CAs" in text()) == system_too
+    # no revocation checking on either side
+    crl = ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_CRL_CHECK_CHAIN
+    assert rows["Revocation (CRL, OCSP)"].startswith("not checked")
+    assert not (node_ctx.verify_flags & crl) and not (client.verify_flags & crl)
