@@ -39,7 +39,9 @@ IDLE_POLL = 0.005              # seconds (pynetdicom: 0.001); only while nothing
 # --- TLS ------------------------------------------------------------------------------------------
 
 def _base_context(purpose: ssl.Purpose, tls: C.TLS) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(purpose)
+    # a bare context: only the CAs of tls.ca_certificates are trusted, never the system's
+    # (PROTOCOL_TLS_CLIENT checks the peer's certificate and host name by default)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose == ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.minimum_version == "1.3" else ssl.TLSVersion.TLSv1_2
     # BCP 195: forward-secret AEAD suites only for TLS 1.2 (TLS 1.3 suites are all of that kind)
     ctx.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20")
