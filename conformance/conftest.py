@@ -42,6 +42,7 @@ from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessS
                          generate_uid)
 
 import dicom_nncodec  # noqa: F401  (registers the private transfer syntaxes with pydicom)
+from scp.nodebench import find_dcmtk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTALL = "apt-get install dcmtk orthanc orthanc-gdcm dicom3tools"
@@ -81,25 +82,7 @@ def child_env() -> dict:
 
 # --- the peers on this machine ------------------------------------------------------------------------
 
-def _is_dcmtk(path: str) -> bool:
-    try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "dcmtk" in (out.stdout + out.stderr).lower()
-
-
-def find_dcmtk(name: str) -> str | None:
-    """DCMTK's ``name`` (not pynetdicom's app of the same name)."""
-    seen = set()
-    for folder in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]:
-        path = os.path.join(folder, name)
-        if path in seen or not (os.path.isfile(path) and os.access(path, os.X_OK)):
-            continue
-        seen.add(path)
-        if _is_dcmtk(path):
-            return path
-    return None
+# find_dcmtk: DCMTK's tool, not pynetdicom's app of the same name (shared with the node benchmark)
 
 
 @pytest.fixture(scope="session")
