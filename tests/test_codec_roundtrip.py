@@ -5,6 +5,8 @@ import io
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.encaps import generate_frames, parse_basic_offsets
@@ -197,3 +199,35 @@ def test_compress_many_equals_one_by_one():
     alone = [dicom_nncodec.compress(dcmread(get_testdata_file(n))) for n in names]
     together = dicom_nncodec.dataset.compress_many([dcmread(get_testdata_file(n)) for n in names] * 2)
     assert [d.PixelData for d in together] == [d.PixelData for d in alone] * 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_property_any_format_any_content_round_trips(data):
+    """Random geometry, depth, signedness, colour and content (noise, constants, extremes): always exact."""
+    samples = data.draw(st.sampled_from([1, 3]))
+    bits = data.draw(st.integers(1, 16))
+    signed = samples == 1 and data.draw(st.booleans())
+    allocated = 8 if bits <= 8 and data.draw(st.booleans()) else 16
+    rows, cols = data.draw(st.integers(1, 33)), data.draw(st.integers(1, 33))
+    nframes = data.draw(st.integers(1, 3))
+    kind = data.draw(st.sampled_from(["noise", "constant", "extremes", "smooth"]))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1)))
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    shape = (nframes, rows, cols) + ((3,) if samples == 3 else ())
+    if kind == "noise":
+        frames = rng.integers(lo, hi + 1, shape)
+    elif kind == "constant":
+        frames = np.full(shape, rng.integers(lo, hi + 1))
+    elif kind == "extremes":
+        frames = np.where(rng.random(shape) < 0.5, lo, hi)
+    else:
+        frames = np.clip(np.cumsum(rng.integers(-3, 4, shape), axis=2) + (lo + hi) // 2, lo, hi)
+    photometric = "RGB" if samples == 3 else "MONOCHROME2"
+    fmt = PixelFormat(rows, cols, samples, allocated, bits, signed, photometric)
+    frames = [f.astype(fmt.dtype) for f in frames]
+    max_error = data.draw(st.sampled_from([0, 0, 1, 4]))
+    out = codec.decode_frames(codec.encode_frames(frames, fmt, max_error=max_error), fmt)
+    for a, b in zip(out, frames):
+        assert a.dtype == b.dtype
+        assert np.abs(a.astype(np.int64) - b.astype(np.int64)).max() <= max_error
