@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import threading
 import zlib
-from contextlib import nullcontext
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -266,7 +265,3 @@ def decode_frames(datas: Iterable[bytes], fmt: PixelFormat | None = None, *, dev
 
 def decode_frame(data: bytes, fmt: PixelFormat | None = None, **kw) -> np.ndarray:
     return decode_frames([data], fmt, **kw)[0]
-
-
-def inference_mode():
-    return torch.inference_mode() if hasattr(torch, "inference_mode") else nullcontext()

@@ -116,9 +116,6 @@ class TableSet:
             m = self._models.setdefault(t, constriction.stream.model.Categorical(f, perfect=False))
         return m
 
-    def zmax(self, t: int) -> int:
-        return (int(self.offsets[t + 1] - self.offsets[t]) - 3) // 2
-
     def uniform(self, size: int):
         m = self._uniform.get(size)
         if m is None:

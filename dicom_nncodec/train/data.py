@@ -7,7 +7,6 @@ fixed weights, and whole sources can be held out for evaluation.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +138,3 @@ class CropSampler:
     def restore(self, state):
         self.rng.bit_generator.state = state
 
-
-def default_threads() -> int:
-    return max(1, (os.cpu_count() or 1))
