@@ -23,11 +23,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -43,6 +41,7 @@ from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessS
 
 import dicom_nncodec  # noqa: F401  (registers the private transfer syntaxes with pydicom)
 from scp.nodebench import find_dcmtk
+from scp.testing import free_port, wait_for_listener, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTALL = "apt-get install dcmtk orthanc orthanc-gdcm dicom3tools"
@@ -58,22 +57,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def child_env() -> dict:
@@ -316,15 +299,7 @@ class ServedNode(NodeUnderTest):
         self.out = open(os.path.join(self.workdir, "serve.out"), "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "dicom_nncodec.cli", "serve", "--config", self.config_file],
                                      cwd=self.workdir, env=child_env(), stdout=self.out, stderr=subprocess.STDOUT)
-
-        def listening():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the node exited with {self.proc.returncode}:\n{self._output()}")
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return True
-            return False
-        wait_until(listening, 120, "the node to listen")
+        wait_for_listener(self.proc, self.port, 120, self._output)
         return self
 
     def _output(self) -> str:

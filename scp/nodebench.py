@@ -68,6 +68,8 @@ import urllib.request
 
 import numpy as np
 
+from .testing import free_port, wait_for_listener, wait_until
+
 NODE_AE = "NNCODEC"
 ORTHANC_AE = "ORTHANC"
 SCU_AE = "BENCHSCU"
@@ -111,12 +113,6 @@ def orthanc_version(executable: str) -> str:
         return "Orthanc " + first.split()[-1] if first.split() else "Orthanc (version unknown)"
     except (OSError, subprocess.TimeoutExpired, IndexError):
         return "Orthanc (version unknown)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def loadavg() -> list[float]:
@@ -171,16 +167,6 @@ class CPUMeter:
         return {"wall_s": wall, "server_cpu_s": server, "client_cpu_s": client, "bench_cpu_s": me,
                 "machine_busy_cpu_s": machine, "others_cpu_s": max(0.0, machine - server - client - me),
                 "steal_s": (steal - self.steal) / tick, "cpus": os.cpu_count()}
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def timed(cmd: list[str], timeout: float) -> tuple[float, subprocess.CompletedProcess]:
@@ -455,14 +441,7 @@ class NodeSystem(System):
         with open(self.log_file, "ab") as log:       # the node logs to stderr by default
             self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=log, stderr=log)
 
-        def listening():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the node exited with {self.proc.returncode}:\n{self.log_tail()}")
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return True
-            return False
-        wait_until(listening, 180, "the node to listen")
+        wait_for_listener(self.proc, self.port, 180, self.log_tail)
         return self
 
     def log_tail(self, n: int = 3000) -> str:

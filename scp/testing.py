@@ -308,6 +308,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Poll ``predicate`` until it returns something true (returned), or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_for_listener(proc: subprocess.Popen, port: int, timeout: float, output) -> None:
+    """Wait until the child ``proc`` accepts TCP connections on ``port``; if it exits first, raise
+    RuntimeError with ``output()`` (its log) in the message."""
+    def listening():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the node exited with {proc.returncode}:\n{output()}")
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        return False
+    wait_until(listening, timeout, "the node to listen")
+
+
 class NodeProcess:
     """``python -m dicom_nncodec.cli serve --config FILE`` as a child process, for tests that kill it.
 
@@ -327,18 +351,15 @@ class NodeProcess:
         with open(self.stderr_path, "ab") as err:      # (a pipe nobody reads could fill up and block the node)
             self.proc = subprocess.Popen([sys.executable, "-m", "dicom_nncodec.cli", "serve", "--config",
                                           self.config_path], env=env, stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
-                    raise RuntimeError(f"the node exited with {self.proc.returncode}: {f.read()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.1)
-        self.kill()
-        raise RuntimeError("the node did not start listening")
+        def output():
+            with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
+                return f.read()[-2000:]
+        try:
+            wait_for_listener(self.proc, self.port, timeout, output)
+        except TimeoutError:
+            self.kill()
+            raise RuntimeError("the node did not start listening") from None
+        return self
 
     @property
     def alive(self) -> bool:
