@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 import pydicom.pixels
-from pydicom import dcmread, dcmwrite   # dcmwrite, unlike save_as, re-encodes big endian input
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 import dicom_nncodec
@@ -202,10 +202,9 @@ class Compressor:
             self.index.finish_unchanged(job, FAILED, reason)
             log.warning("compression of %s failed, original kept: %s", job.sop_uid, reason)
             return True
-        ds.file_meta.ImplementationClassUID = dicom_nncodec.IMPLEMENTATION_CLASS_UID
-        ds.file_meta.ImplementationVersionName = dicom_nncodec.IMPLEMENTATION_VERSION_NAME
         try:
-            path, size = self.storage.write(lambda f: dcmwrite(f, ds, enforce_file_format=True))
+            # dataset.save names this implementation in the file meta (and copes with big-endian sources)
+            path, size = self.storage.write(lambda f: dicom_nncodec.dataset.save(ds, f))
         except OSError as exc:
             self.index.release(job)
             log.warning("compression of %s put back in the queue: cannot write the compressed file (%s)",
