@@ -187,7 +187,11 @@ def geometry(ds) -> Geometry:
     if samples == 2:
         raise StoreRefused(CANNOT_UNDERSTAND, "Samples per Pixel 2 is not defined (1, 3 or 4)")
     frames = _count(ds, "NumberOfFrames", 1, 2**31 - 1, default=1)
-    return Geometry(rows, columns, frames, samples, ba, str(ds.get("PhotometricInterpretation", "")).strip())
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip()
+    if not photometric:   # Type 1 in the Image Pixel module: without it the pixels cannot be read
+        raise StoreRefused(CANNOT_UNDERSTAND, "Photometric Interpretation is missing although the data set has "
+                                              "Pixel Data")
+    return Geometry(rows, columns, frames, samples, ba, photometric)
 
 
 def check_pixel_data(ds, transfer_syntax: str, max_pixels: int) -> None:

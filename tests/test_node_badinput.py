@@ -132,6 +132,8 @@ CASES = {
     "bits-allocated-12": (lambda: item(ct(BitsAllocated=12)), C000, "multiple of 8"),
     "bits-stored-over-allocated": (lambda: item(ct(BitsStored=17)), C000, "exceeds"),
     "samples-zero": (lambda: item(ct(SamplesPerPixel=0)), C000, "outside"),
+    "no-photometric": (lambda: item(d := ct(), encoded(Dataset({k: v for k, v in d.items() if k != 0x00280004}))),
+                       C000, "Photometric Interpretation is missing"),
     "absurd-dimensions": (lambda: item(ct(Rows=65535, Columns=65535, NumberOfFrames=1000)), A700, "max_pixels"),
     "class-differs-from-request": (lambda: item(ct(SOPClassUID=MRImageStorage), sop_class=CTImageStorage), A900,
                                    "SOP Class UID differs"),
