@@ -65,9 +65,10 @@ def _wrap_dataset_methods() -> None:
         if int(self.get("SamplesPerPixel", 1)) > 1:
             self.PlanarConfiguration = 0      # frames are always coded colour-by-pixel
         if lossy:
-            from .dataset import compression_ratio, encoded_frames
-            apply_lossy_attributes(self, compression_ratio(PixelFormat.from_dataset(self), encoded_frames(self)),
-                                   new_uid=new_uid)
+            from .dataset import compression_ratio, encoded_frames, lossy_method
+            frames = encoded_frames(self)
+            apply_lossy_attributes(self, compression_ratio(PixelFormat.from_dataset(self), frames),
+                                   lossy_method(frames), new_uid=new_uid)
         elif new_uid:
             from pydicom.uid import generate_uid
             self.SOPInstanceUID = self.file_meta.MediaStorageSOPInstanceUID = generate_uid()

@@ -27,8 +27,9 @@ MAGIC = b"NNCF"
 VERSION = 1
 MODE_LOSSLESS = 0
 MODE_NEAR_LOSSLESS = 1
+MODE_LOSSY = 2          # RNN-Conv at a target ratio; payload layout in lossy.py
 MAX_ERROR = 255
-MODE_NAMES = {MODE_LOSSLESS: "lossless", MODE_NEAR_LOSSLESS: "near-lossless"}
+MODE_NAMES = {MODE_LOSSLESS: "lossless", MODE_NEAR_LOSSLESS: "near-lossless", MODE_LOSSY: "lossy"}
 _FIXED = struct.Struct("<4sBBHB")
 _GEOMETRY = struct.Struct("<HHBBBBBBI")
 
@@ -71,6 +72,11 @@ def pack(h: FrameHeader, payloads: list[bytes]) -> bytes:
     if len(out) % 2:
         out += b"\x00"  # DICOM fragments have even length
     return bytes(out)
+
+
+def header_size(model_id: str, planes: int) -> int:
+    """Bytes a frame takes besides its payloads (header, payload lengths, CRC; pad byte excluded)."""
+    return _FIXED.size + len(model_id.encode("ascii")) + 32 + _GEOMETRY.size + 4 * planes + 4
 
 
 def unpack(data: bytes) -> tuple[FrameHeader, list[bytes]]:
@@ -120,8 +126,8 @@ def read_header(data: bytes) -> FrameHeader:
     if (not rows or not cols or spp not in (1, 3) or planes != spp or ba not in (8, 16)
             or not 1 <= bs <= ba or pr > 1 or tr > 1 or any(s % 4 for s in sizes)):
         raise BitstreamError("corrupt frame header: inconsistent pixel description")
-    if mode == MODE_LOSSLESS and max_error:
-        raise BitstreamError("corrupt frame header: lossless frame with a maximum error")
+    if mode in (MODE_LOSSLESS, MODE_LOSSY) and max_error:
+        raise BitstreamError(f"corrupt frame header: {MODE_NAMES[mode]} frame with a maximum error")
     if mode == MODE_NEAR_LOSSLESS and not 1 <= max_error <= MAX_ERROR:
         raise BitstreamError(f"corrupt frame header: near-lossless maximum error {max_error} outside 1..{MAX_ERROR}")
     if tr and (spp != 3 or mode != MODE_LOSSLESS):

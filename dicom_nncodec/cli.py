@@ -56,8 +56,11 @@ def _workers(n: int) -> int:
 
 
 def cmd_compress(a) -> int:
+    if a.max_error and a.ratio is not None:
+        print("dicom-nncodec: --max-error and --ratio exclude each other", file=sys.stderr)
+        return 2
     pairs = F.plan(a.paths, a.output)
-    return _run_jobs(partial(F.compress_file, max_error=a.max_error, device=a.device), pairs, _workers(a.jobs), a.quiet)
+    return _run_jobs(partial(F.compress_file, max_error=a.max_error, ratio=a.ratio, device=a.device), pairs, _workers(a.jobs), a.quiet)
 
 
 def cmd_decompress(a) -> int:
@@ -92,11 +95,16 @@ def cmd_info(a) -> int:
 
 
 def cmd_train(a) -> int:
-    from .train.loop import TrainConfig, train
-
-    cfg = TrainConfig(roots=a.roots, out=a.out, model_id=a.model_id, hold_out=a.hold_out or [],
-                      use_lstm=not a.no_lstm, width=a.width, iterations=a.iterations, batch=a.batch, crop=a.crop,
-                      lr=a.lr, seed=a.seed, threads=a.threads, max_png=a.max_png)
+    if a.lossy:
+        from .train.lossy_loop import LossyTrainConfig as Config, train
+        extra = {}
+    else:
+        from .train.loop import TrainConfig as Config, train
+        extra = {"use_lstm": not a.no_lstm}
+    tuned = {k: getattr(a, k) for k in ("model_id", "width", "iterations", "batch", "crop", "lr", "threads")
+             if getattr(a, k) is not None}
+    cfg = Config(roots=a.roots, out=a.out, hold_out=a.hold_out or [], seed=a.seed, max_png=a.max_png,
+                 **tuned, **extra)
     path = train(cfg, resume=a.resume)
     print(f"weights: {path}")
     return 0
@@ -145,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="output folder (mirrors the input tree), or file")
     c.add_argument("--max-error", type=int, default=0,
                    help="near-lossless: guaranteed maximum absolute error N (1..255), NNCodecLossy")
+    c.add_argument("--ratio", type=float, default=None,
+                   help="lossy RNN-Conv at compression ratio R (met within 10 %%), NNCodecLossy")
     common(c)
     d = sub.add_parser("decompress", help="decompress dicom-nncodec files to a standard transfer syntax")
     d.add_argument("paths", nargs="+")
@@ -159,19 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     common(v, outputs=False)
     sub.add_parser("bench", help="size and speed beside JPEG-LS, JPEG 2000, HTJ2K, JPEG-XL (see bench --help)",
                    add_help=False)
-    t = sub.add_parser("train", help="train a lossless model from folders of DICOM files and PNGs")
+    t = sub.add_parser("train", help="train a lossless model (or with --lossy the RNN-Conv lossy model) from "
+                                     "folders of DICOM files and PNGs")
     t.add_argument("roots", nargs="+")
     t.add_argument("--out", required=True, help="run folder: log, checkpoint, exported weights")
-    t.add_argument("--model-id", default="nnc-lossless-1")
+    t.add_argument("--lossy", action="store_true", help="train the lossy RNN-Conv model (ratio=)")
+    t.add_argument("--model-id", default=None, help="default nnc-lossless-1, or nnc-lossy-1 with --lossy")
     t.add_argument("--hold-out", action="append", help="skip paths containing this text (repeatable)")
     t.add_argument("--no-lstm", action="store_true", help="train the ablation without the ConvLSTM state")
-    t.add_argument("--width", type=int, default=16)
-    t.add_argument("--iterations", type=int, default=12000)
-    t.add_argument("--batch", type=int, default=8)
-    t.add_argument("--crop", type=int, default=128)
-    t.add_argument("--lr", type=float, default=2e-3)
+    for name, kind in (("width", int), ("iterations", int), ("batch", int), ("crop", int), ("lr", float),
+                       ("threads", int)):
+        t.add_argument(f"--{name}", type=kind, default=None, help="default: the trainer's (lossless or lossy)")
     t.add_argument("--seed", type=int, default=1)
-    t.add_argument("--threads", type=int, default=1)
     t.add_argument("--max-png", type=int, default=None, help="use at most this many PNGs per folder")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     s = sub.add_parser("serve", help="run the DICOM node")

@@ -9,13 +9,13 @@ that reaches the coder is an integer computed exactly.
 Thread safety: encode and decode may run in several threads at once; models,
 networks and probability tables are shared read-only.
 
-Modes: lossless, and near-lossless with a guaranteed maximum absolute error
-``max_error`` (residuals quantised with step 2*max_error+1, as JPEG-LS NEAR).
+Modes: lossless; near-lossless with a guaranteed maximum absolute error
+``max_error`` (residuals quantised with step 2*max_error+1, as JPEG-LS NEAR);
+and lossy at a requested compression ``ratio`` with the RNN-Conv model
+(``lossy.py``).
 """
 from __future__ import annotations
 
-import copy
-import threading
 import zlib
 from typing import Iterable, Sequence
 
@@ -28,7 +28,8 @@ from .errors import BitstreamError, NNCodecError, UnsupportedPixelData
 from .models import pyramid as P
 from .models.context_model import PyramidRun
 from .pixels import PixelFormat, from_planes, to_planes
-from .zoo import LoadedModel, default_model, load_model
+from .lossy import LossyPlanes
+from .zoo import LoadedModel, default_lossy_model, default_model, load_model
 
 MAX_NEAR_LOSSLESS_ERROR = B.MAX_ERROR
 DEFAULT_BATCH = 8
@@ -50,22 +51,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     return dev
-
-
-_device_nets: dict[tuple[int, str], torch.nn.Module] = {}
-_device_nets_lock = threading.Lock()
-
-
-def _net_on(model: LoadedModel, dev: torch.device):
-    """The model's network on ``dev``.  Networks are only read during coding (all state lives in
-    PyramidRun), so one copy per device serves every thread."""
-    key = (id(model), str(dev))
-    with _device_nets_lock:
-        net = _device_nets.get(key)
-        if net is None:
-            net = model.net if dev.type == "cpu" else copy.deepcopy(model.net).to(dev)
-            _device_nets[key] = net
-    return net
 
 
 def _nl_shift(max_error: int, thresholds: torch.Tensor) -> int:
@@ -100,7 +85,7 @@ class _PlaneBatch:
         self.bits = bits
         self.n = len(bits)
         self.sizes = P.level_sizes(*shape)
-        self.net = _net_on(model, dev)
+        self.net = model.net_on(dev)
         self.nl_shift = _nl_shift(max_error, model.net.thresholds) if max_error else 0
 
     def _residual_params(self, pred, sel):
@@ -171,10 +156,17 @@ def pixel_crc(frame: np.ndarray) -> int:
 
 
 def encode_frames(frames: Iterable[np.ndarray], fmt: PixelFormat, *, max_error: int = 0,
-                  model_id: str | None = None, device="auto",
+                  ratio: float | None = None, model_id: str | None = None, device="auto",
                   batch_size: int = DEFAULT_BATCH) -> list[bytes]:
-    """Encode frames (each (rows, cols) or (rows, cols, 3)) of one pixel format."""
+    """Encode frames (each (rows, cols) or (rows, cols, 3)) of one pixel format.
+
+    ``ratio``: lossy, each frame at or up to 10 % above this compression ratio (uncompressed
+    bytes at Bits Allocated over frame bytes); exclusive with ``max_error``."""
     fmt.validate()
+    if ratio is not None:
+        if max_error:
+            raise UnsupportedPixelData("ratio and max_error exclude each other")
+        return _encode_lossy(list(frames), fmt, float(ratio), model_id, device, batch_size)
     if not 0 <= int(max_error) <= MAX_NEAR_LOSSLESS_ERROR:
         raise UnsupportedPixelData(f"max_error must be between 0 and {MAX_NEAR_LOSSLESS_ERROR}")
     max_error = int(max_error)
@@ -204,6 +196,44 @@ def encode_frames(frames: Iterable[np.ndarray], fmt: PixelFormat, *, max_error: 
     return out
 
 
+MIN_RATIO = 1.5
+MAX_RATIO = 1000.0
+
+
+def _encode_lossy(frames: list[np.ndarray], fmt: PixelFormat, ratio: float, model_id: str | None, device,
+                  batch_size: int) -> list[bytes]:
+    if not MIN_RATIO <= ratio <= MAX_RATIO:
+        raise UnsupportedPixelData(f"ratio must be between {MIN_RATIO} and {MAX_RATIO:.0f}")
+    model = load_model(model_id or default_lossy_model())
+    if not model.lossy:
+        raise UnsupportedPixelData(f"model {model.model_id!r} is lossless; ratio= needs a lossy model")
+    dev = resolve_device(device)
+    transform = fmt.coding_transform(1)
+    bits = fmt.plane_bits(transform)
+    p = len(bits)
+    raw = fmt.rows * fmt.columns * fmt.samples_per_pixel * fmt.bits_allocated // 8
+    overhead = B.header_size(model.model_id, p)
+    budget = int(raw / ratio) - overhead
+    if budget < 16 * p:
+        raise UnsupportedPixelData(f"ratio {ratio:g} leaves {int(raw / ratio)} bytes for a {fmt.rows}x{fmt.columns} "
+                                   f"frame whose header alone takes {overhead}; choose a lower ratio")
+    per_plane = [(budget // p) & ~3 for _ in range(p)]
+    coder = LossyPlanes(model, dev)
+    out: list[bytes] = []
+    for start in range(0, len(frames), batch_size):
+        chunk = frames[start:start + batch_size]
+        planes = np.concatenate([to_planes(f, fmt, transform) for f in chunk])
+        payloads = coder.encode(planes, per_plane * len(chunk))
+        recon = coder.decode(payloads, fmt.rows, fmt.columns)     # what every decoder will produce
+        for i, f in enumerate(chunk):
+            decoded = from_planes(recon[i * p:(i + 1) * p], fmt, transform)
+            header = B.FrameHeader(B.MODE_LOSSY, 0, model.model_id, model.digest, fmt.rows, fmt.columns,
+                                   fmt.samples_per_pixel, fmt.bits_allocated, fmt.bits_stored, fmt.signed,
+                                   transform, pixel_crc(decoded), ())
+            out.append(B.pack(header, payloads[i * p:(i + 1) * p]))
+    return out
+
+
 def encode_frame(frame: np.ndarray, fmt: PixelFormat, **kw) -> bytes:
     return encode_frames([frame], fmt, **kw)[0]
 
@@ -228,18 +258,18 @@ def decode_frames(datas: Iterable[bytes], fmt: PixelFormat | None = None, *, dev
                   batch_size: int = DEFAULT_BATCH, lossless_only: bool = False) -> list[np.ndarray]:
     """Decode frames; each result is checked against the CRC-32 stored at encoding time.
 
-    ``lossless_only``: refuse near-lossless frames (data labelled with the lossless syntax)."""
+    ``lossless_only``: refuse near-lossless and lossy frames (data labelled with the lossless syntax)."""
     dev = resolve_device(device)
     parsed = [B.unpack(d) for d in datas]
     if lossless_only and any(h.mode != B.MODE_LOSSLESS for h, _ in parsed):
-        raise BitstreamError("a near-lossless frame is stored under the lossless transfer syntax")
+        raise BitstreamError("a lossy or near-lossless frame is stored under the lossless transfer syntax")
     out: list[np.ndarray | None] = [None] * len(parsed)
     # batch frames that share geometry and model
     keys: dict[tuple, list[int]] = {}
     for i, (h, _) in enumerate(parsed):
         check_matches(h, fmt)
         keys.setdefault((h.model_id, h.digest, h.rows, h.columns, h.samples_per_pixel, h.bits_stored,
-                         h.transform, h.max_error, h.bits_allocated, h.signed), []).append(i)
+                         h.transform, h.max_error, h.bits_allocated, h.signed, h.mode), []).append(i)
     for key, idx in keys.items():
         model = load_model(key[0], key[1])
         for start in range(0, len(idx), batch_size):
@@ -247,10 +277,16 @@ def decode_frames(datas: Iterable[bytes], fmt: PixelFormat | None = None, *, dev
             h0 = parsed[chunk[0]][0]
             ffmt = _format_of(h0)
             bits = np.array(ffmt.plane_bits(h0.transform), dtype=np.int64)
-            batch = _PlaneBatch(model, dev, np.tile(bits, len(chunk)), (h0.rows, h0.columns), h0.max_error)
             payloads = [p for i in chunk for p in parsed[i][1]]
+            if (h0.mode == B.MODE_LOSSY) != model.lossy:
+                raise BitstreamError(f"frame coding mode {B.MODE_NAMES[h0.mode]} does not match model "
+                                     f"{model.model_id!r}")
             try:
-                planes = batch.decode(payloads).cpu().numpy()
+                if model.lossy:
+                    planes = LossyPlanes(model, dev).decode(payloads, h0.rows, h0.columns)
+                else:
+                    batch = _PlaneBatch(model, dev, np.tile(bits, len(chunk)), (h0.rows, h0.columns), h0.max_error)
+                    planes = batch.decode(payloads).cpu().numpy()
             except Exception as exc:  # constriction and numpy errors on garbage input
                 raise BitstreamError(f"corrupt payload: {exc}") from None
             p = len(bits)

@@ -19,7 +19,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from . import codec
 from .errors import UnsupportedPixelData
 from .pixels import PixelFormat
-from .syntax import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, LOSSY_METHOD, NNCodecLossless, NNCodecLossy, fix_transfer_syntax, registered
+from .syntax import (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, LOSSY_METHOD, RNN_CONV_METHOD,
+                     NNCodecLossless, NNCodecLossy, fix_transfer_syntax, registered)
 
 
 def number_of_frames(ds: Dataset) -> int:
@@ -76,16 +77,30 @@ def apply_lossy_attributes(ds: Dataset, ratio: float, method: str = LOSSY_METHOD
             ds.file_meta.MediaStorageSOPInstanceUID = uid
 
 
-def compress(ds: Dataset, syntax=NNCodecLossless, *, max_error: int = 0, device="auto",
-             batch_size: int = codec.DEFAULT_BATCH) -> Dataset:
+def compress(ds: Dataset, syntax=NNCodecLossless, *, max_error: int = 0, ratio: float | None = None,
+             device="auto", batch_size: int = codec.DEFAULT_BATCH) -> Dataset:
     """Compress ``ds`` in place to one of the private syntaxes.
 
-    Lossless keeps every UID.  Near-lossless (``NNCodecLossy`` with
-    ``max_error`` >= 1) sets the lossy attributes and a new SOP Instance UID."""
-    return compress_many([ds], syntax, max_error=max_error, device=device, batch_size=batch_size)[0]
+    Lossless keeps every UID.  ``NNCodecLossy`` takes either ``max_error`` >= 1 (near-lossless,
+    a guaranteed bound) or ``ratio`` (lossy RNN-Conv at that compression ratio, within 10 %);
+    both set the lossy attributes and a new SOP Instance UID."""
+    return compress_many([ds], syntax, max_error=max_error, ratio=ratio, device=device, batch_size=batch_size)[0]
 
 
-def compress_many(datasets: list[Dataset], syntax=NNCodecLossless, *, max_error: int = 0, device="auto",
+def check_lossy_options(syntax, max_error: int, ratio) -> None:
+    """The one place that says which options each private syntax takes."""
+    if syntax == NNCodecLossless and (max_error or ratio is not None):
+        raise UnsupportedPixelData("NNCodecLossless is lossless only; use NNCodecLossy with max_error or ratio")
+    if syntax == NNCodecLossy:
+        if max_error and ratio is not None:
+            raise UnsupportedPixelData("NNCodecLossy takes max_error or ratio, not both")
+        if ratio is None and max_error < 1:
+            raise UnsupportedPixelData("NNCodecLossy needs max_error=N (1..255, a guaranteed maximum error) "
+                                       "or ratio=R (lossy at compression ratio R)")
+
+
+def compress_many(datasets: list[Dataset], syntax=NNCodecLossless, *, max_error: int = 0,
+                  ratio: float | None = None, device="auto",
                   batch_size: int = codec.DEFAULT_BATCH) -> list[Dataset]:
     """Compress several datasets in place; frames of datasets with the same pixel format go through
     the network together (a series of single-frame CT slices codes as fast as one multi-frame object).
@@ -93,25 +108,23 @@ def compress_many(datasets: list[Dataset], syntax=NNCodecLossless, *, max_error:
     syntax = registered(syntax)
     if syntax is None:
         raise ValueError("syntax must be NNCodecLossless or NNCodecLossy")
-    if syntax == NNCodecLossless and max_error:
-        raise UnsupportedPixelData("NNCodecLossless is lossless only; use NNCodecLossy with max_error")
-    if syntax == NNCodecLossy and max_error < 1:
-        raise UnsupportedPixelData("NNCodecLossy needs max_error=N (1..255)")
+    check_lossy_options(syntax, max_error, ratio)
     groups: dict[PixelFormat, list[tuple[Dataset, list[np.ndarray]]]] = {}
     for ds in datasets:
         fmt = PixelFormat.from_dataset(ds, for_encoding=True).validate()
         groups.setdefault(fmt, []).append((ds, frames_of(ds)))
     for fmt, items in groups.items():
         frames = [f for _, fs in items for f in fs]
-        encoded = codec.encode_frames(frames, fmt, max_error=max_error, device=device, batch_size=batch_size)
+        encoded = codec.encode_frames(frames, fmt, max_error=max_error, ratio=ratio, device=device,
+                                      batch_size=batch_size)
         pos = 0
         for ds, fs in items:
-            _set_encoded(ds, fmt, syntax, encoded[pos:pos + len(fs)], max_error)
+            _set_encoded(ds, fmt, syntax, encoded[pos:pos + len(fs)], max_error or ratio is not None)
             pos += len(fs)
     return datasets
 
 
-def _set_encoded(ds: Dataset, fmt: PixelFormat, syntax, encoded: list[bytes], max_error: int) -> None:
+def _set_encoded(ds: Dataset, fmt: PixelFormat, syntax, encoded: list[bytes], lossy: bool) -> None:
     ds.PixelData = encapsulate(encoded)
     ds["PixelData"].is_undefined_length = True
     ds["PixelData"].VR = "OB"
@@ -122,8 +135,14 @@ def _set_encoded(ds: Dataset, fmt: PixelFormat, syntax, encoded: list[bytes], ma
     ds.file_meta.TransferSyntaxUID = syntax
     ds._pixel_array = None
     ds._pixel_id = {}
-    if max_error:
-        apply_lossy_attributes(ds, compression_ratio(fmt, encoded))
+    if lossy:
+        apply_lossy_attributes(ds, compression_ratio(fmt, encoded), lossy_method(encoded))
+
+
+def lossy_method(encoded: list[bytes]) -> str:
+    """Lossy Image Compression Method of frames: NNCODEC_RNN_1 for RNN-Conv, NNCODEC_1 for near-lossless."""
+    from .bitstream import MODE_LOSSY, read_header
+    return RNN_CONV_METHOD if read_header(encoded[0]).mode == MODE_LOSSY else LOSSY_METHOD
 
 
 def compression_ratio(fmt: PixelFormat, encoded: list[bytes]) -> float:

@@ -205,3 +205,63 @@ class StepDecoder:
                                      dtype=np.int64) - (1 << bits)
             r[idx] = rr
         return r
+
+
+BIT_PROB_BITS = 16
+BIT_PROB_MIN, BIT_PROB_MAX = 64, (1 << BIT_PROB_BITS) - 64
+
+
+class BitTables:
+    """Probabilities of the lossy codec's binary codes, one per context, shipped as integers.
+
+    A context is (iteration t, bit channel c, the bit at the same channel and position in
+    iteration t-1: none / -1 / +1); ``probs[ctx]`` is P(bit = +1) in units of 2**-16.  The codes
+    of one iteration are coded context by context (positions in raster order within a context),
+    so both sides need only the previous iteration to know every context."""
+
+    def __init__(self, probs: np.ndarray):
+        self.probs = np.asarray(probs, dtype=np.int64).reshape(-1)
+        if self.probs.min(initial=BIT_PROB_MIN) < BIT_PROB_MIN or self.probs.max(initial=BIT_PROB_MAX) > BIT_PROB_MAX:
+            raise ValueError("bit probabilities outside the allowed range")
+        p1 = self.probs / float(1 << BIT_PROB_BITS)
+        # ideal code lengths in 1/1024 bit, as integers (for the encoder's rate control only)
+        self.cost = np.stack([np.floor(-np.log2(1 - p1) * COST_ONE + 0.5),
+                              np.floor(-np.log2(p1) * COST_ONE + 0.5)], 1).astype(np.int64)
+        self._models: dict[int, object] = {}
+
+    @staticmethod
+    def contexts(t: int, prev: np.ndarray | None, channels: int, n_channels: int, positions: int) -> np.ndarray:
+        """Context of every code of iteration t (channels x positions, channel-major)."""
+        base = (t * n_channels + np.arange(channels, dtype=np.int64)) * 3
+        if prev is None:
+            return np.repeat(base, positions)
+        return (base[:, None] + np.where(prev[:channels].reshape(channels, -1) > 0, 2, 1)).reshape(-1)
+
+    def code_length(self, symbols: np.ndarray, ctx: np.ndarray) -> int:
+        """Approximate length (1/1024 bit) of 0/1 symbols under their contexts."""
+        return int(self.cost[ctx, symbols].sum())
+
+    def model(self, ctx: int):
+        m = self._models.get(ctx)
+        if m is None:
+            p = int(self.probs[ctx])
+            f = np.array([(1 << BIT_PROB_BITS) - p, p], dtype=np.float64)
+            m = self._models.setdefault(ctx, constriction.stream.model.Categorical(f, perfect=False))
+        return m
+
+    def encode(self, enc, symbols: np.ndarray, ctx: np.ndarray) -> None:
+        for c, idx in _groups(ctx):
+            enc.encode(symbols[idx].astype(np.int32), self.model(c))
+
+    def decode(self, dec, ctx: np.ndarray) -> np.ndarray:
+        out = np.empty(len(ctx), dtype=np.int64)
+        for c, idx in _groups(ctx):
+            out[idx] = np.asarray(dec.decode(self.model(c), len(idx)), dtype=np.int64)
+        return out
+
+
+def estimate_bit_probs(counts: np.ndarray) -> np.ndarray:
+    """counts[ctx] = (zeros, ones) observed on training data -> integer P(+1) per context."""
+    n0, n1 = counts[:, 0].astype(np.float64), counts[:, 1].astype(np.float64)
+    p = (n1 + 1) / (n0 + n1 + 2)
+    return np.clip(np.floor(p * (1 << BIT_PROB_BITS) + 0.5), BIT_PROB_MIN, BIT_PROB_MAX).astype(np.int64)

@@ -105,7 +105,8 @@ def _read(src: Path):
         raise NNCodecError(f"not a readable DICOM file ({type(exc).__name__}: {exc})") from None
 
 
-def compress_file(src: Path, dst: Path, max_error: int = 0, device: str = "auto") -> Result:
+def compress_file(src: Path, dst: Path, max_error: int = 0, device: str = "auto",
+                  ratio: float | None = None) -> Result:
     size_in = src.stat().st_size
     try:
         ds = _read(src)
@@ -115,9 +116,9 @@ def compress_file(src: Path, dst: Path, max_error: int = 0, device: str = "auto"
         if registered(ts) is not None:
             return Result(str(src), "copied", "already dicom-nncodec, copied unchanged", size_in,
                           _write_atomic(src, dst))
-        syntax = NNCodecLossy if max_error else NNCodecLossless
+        syntax = NNCodecLossy if max_error or ratio is not None else NNCodecLossless
         try:
-            D.compress(ds, syntax, max_error=max_error, device=device)
+            D.compress(ds, syntax, max_error=max_error, ratio=ratio, device=device)
         except UnsupportedPixelData as exc:
             return Result(str(src), "copied", f"{exc}; copied unchanged", size_in, _write_atomic(src, dst))
         return Result(str(src), "ok", "", size_in, _write_atomic(ds, dst))

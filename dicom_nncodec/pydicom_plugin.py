@@ -6,6 +6,7 @@ called here, never re-implemented.  pydicom hands over one frame at a time.
 
 Options reaching the encoder through ``ds.compress(uid, **options)``:
 ``max_error`` (NNCodecLossy: the guaranteed maximum absolute error, 1..255),
+``ratio`` (NNCodecLossy: lossy RNN-Conv at this compression ratio, within 10 %),
 ``device`` (``auto``/``cpu``/``cuda``; default from the environment variable
 ``DICOM_NNCODEC_DEVICE``, else ``auto``).
 """
@@ -17,8 +18,9 @@ import numpy as np
 
 from . import codec
 from .errors import UnsupportedPixelData
+from .dataset import check_lossy_options
 from .pixels import PixelFormat, check_high_bit
-from .syntax import PRIVATE_SYNTAXES, NNCodecLossless, NNCodecLossy
+from .syntax import PRIVATE_SYNTAXES, NNCodecLossless
 
 DECODER_DEPENDENCIES = {uid: ("numpy", "torch", "constriction") for uid in PRIVATE_SYNTAXES}
 ENCODER_DEPENDENCIES = DECODER_DEPENDENCIES
@@ -53,10 +55,9 @@ def _encode_frame(src: bytes, runner) -> bytes:
     # _register), and a caller of the low-level Encoder API may pass high_bit=... itself
     check_high_bit(runner.get_option("high_bit", None), fmt.bits_stored)
     max_error = int(runner.get_option("max_error", 0) or 0)
-    if runner.transfer_syntax == NNCodecLossless and max_error:
-        raise UnsupportedPixelData("NNCodecLossless is lossless only; use NNCodecLossy with max_error")
-    if runner.transfer_syntax == NNCodecLossy and max_error < 1:
-        raise UnsupportedPixelData("NNCodecLossy needs max_error=N (1..255), the guaranteed maximum error")
+    ratio = runner.get_option("ratio", None)
+    ratio = None if ratio is None else float(ratio)
+    check_lossy_options(runner.transfer_syntax, max_error, ratio)
     itemsize = 1 if fmt.bits_stored <= 8 else 2
     kind = "i" if fmt.signed else "u"
     arr = np.frombuffer(src, dtype=f"<{kind}{itemsize}")
@@ -66,4 +67,5 @@ def _encode_frame(src: bytes, runner) -> bytes:
         frame = np.moveaxis(arr.reshape(3, fmt.rows, fmt.columns), 0, -1)
     else:
         frame = arr.reshape(fmt.rows, fmt.columns, 3)
-    return codec.encode_frame(frame, fmt, max_error=max_error, device=runner.get_option("device", default_device()))
+    return codec.encode_frame(frame, fmt, max_error=max_error, ratio=ratio,
+                              device=runner.get_option("device", default_device()))

@@ -20,7 +20,8 @@ PRIVATE_SYNTAXES = (NNCodecLossless, NNCodecLossy)
 IMPLEMENTATION_CLASS_UID = UID("2.25.164171005495589579792106225184349771088")
 IMPLEMENTATION_VERSION_NAME = "DICOM_NNCODEC_1"
 # Defined Term for Lossy Image Compression Method (0028,2114), declared in the conformance statement.
-LOSSY_METHOD = "NNCODEC_1"
+LOSSY_METHOD = "NNCODEC_1"          # near-lossless (max_error)
+RNN_CONV_METHOD = "NNCODEC_RNN_1"   # lossy RNN-Conv at a target ratio
 
 
 def registered(uid) -> UID | None:

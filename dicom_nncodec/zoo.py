@@ -12,6 +12,7 @@ integers are stored: the exported network and the probability tables.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import struct
@@ -23,13 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .entropy import TableSet, build_tables
+from .entropy import BitTables, TableSet, build_tables
 from .errors import ModelNotFound
 from .models.context_model import ContextModel
+from .models import rnnconv as RC
 from .models.quant import QConv
+from .models.rnnconv import RNNConvCodec
 
 MAGIC = b"NNCW1\n"
 DEFAULT_LOSSLESS_MODEL = "nnc-lossless-1"
+DEFAULT_LOSSY_MODEL = "nnc-lossy-1"
+RNN_CONV_KIND = "rnn-conv"
 _INTEGER_SUFFIXES = ("w_int", "b_int", "e_int", "_lut", "thresholds")
 
 
@@ -38,9 +43,28 @@ class LoadedModel:
     model_id: str
     digest: bytes
     config: dict
-    net: ContextModel
-    tables: TableSet
+    net: ContextModel | RNNConvCodec
+    tables: TableSet | BitTables
     lock: threading.Lock
+
+    @property
+    def lossy(self) -> bool:
+        """True for the RNN-Conv lossy models, False for the lossless context models."""
+        return isinstance(self.net, RNNConvCodec)
+
+    def net_on(self, dev: torch.device):
+        """The network on ``dev``.  Networks are only read during coding (all state lives in the
+        coding run), so one copy per device serves every thread."""
+        key = str(dev)
+        with self.lock:
+            net = self._nets.get(key)
+            if net is None:
+                net = self.net if dev.type == "cpu" else copy.deepcopy(self.net).to(dev)
+                self._nets[key] = net
+        return net
+
+    def __post_init__(self):
+        self._nets: dict[str, torch.nn.Module] = {}
 
 
 def write_weights(path: Path, model_id: str, net: ContextModel, extra: dict | None = None) -> bytes:
@@ -52,8 +76,31 @@ def write_weights(path: Path, model_id: str, net: ContextModel, extra: dict | No
     offsets, freqs = build_tables()
     arrays["tables.offsets"] = offsets.astype("<i8")
     arrays["tables.freqs"] = freqs.astype("<u4")
-    header = {"model_id": model_id, "config": {"width": net.width, "use_lstm": net.use_lstm},
-              "extra": extra or {}, "arrays": []}
+    return _write(path, model_id, {"width": net.width, "use_lstm": net.use_lstm}, arrays, extra)
+
+
+def _rnnconv_config(width: int) -> dict:
+    return {"kind": RNN_CONV_KIND, "width": width, "block": RC.BLOCK, "bits_per_block": RC.BITS_PER_BLOCK,
+            "iterations": RC.ITERATIONS, "gain_shift": list(RC.GAIN_SHIFT), "recon_frac": RC.RECON_FRAC,
+            "out_frac": RC.OUT_FRAC}
+
+
+def write_lossy_weights(path: Path, model_id: str, net: RNNConvCodec, bit_probs: np.ndarray,
+                        extra: dict | None = None) -> bytes:
+    """Export an RNN-Conv model (decoder ``export()``-ed): the decoder as integers, the encoder
+    as float32 (it only chooses codes, so it need not be exact), and the code probabilities."""
+    arrays = {}
+    for name, buf in net.state_dict().items():
+        if name.startswith("decoder.") and name.endswith(_INTEGER_SUFFIXES):
+            arrays[name] = buf.detach().cpu().numpy().astype("<i4")
+        elif name.startswith("encoder."):
+            arrays[name] = buf.detach().cpu().numpy().astype("<f4")
+    arrays["tables.bit_probs"] = np.asarray(bit_probs).astype("<i4")
+    return _write(path, model_id, _rnnconv_config(net.width), arrays, extra)
+
+
+def _write(path: Path, model_id: str, config: dict, arrays: dict, extra: dict | None) -> bytes:
+    header = {"model_id": model_id, "config": config, "extra": extra or {}, "arrays": []}
     blob = bytearray()
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
@@ -63,6 +110,34 @@ def write_weights(path: Path, model_id: str, net: ContextModel, extra: dict | No
     data = MAGIC + struct.pack("<I", len(hj)) + hj + bytes(blob)
     path.write_bytes(data)
     return hashlib.sha256(data).digest()
+
+
+def _read_lossy(header: dict, arrays: dict, digest: bytes) -> LoadedModel:
+    cfg = header["config"]
+    if cfg != _rnnconv_config(cfg.get("width", 0)):
+        raise ValueError(f"unknown RNN-Conv configuration {cfg} (this release codes {_rnnconv_config(cfg.get('width'))})")
+    net = RNNConvCodec(cfg["width"])
+    state = net.state_dict()
+    needed = {k for k in state if (k.startswith("decoder.") and k.endswith(_INTEGER_SUFFIXES))
+              or k.startswith("encoder.")}
+    given = {k for k in arrays if not k.startswith("tables.")}
+    if needed != given or set(arrays) - given != {"tables.bit_probs"}:
+        raise ValueError(f"weights file arrays do not match the model: missing {sorted(needed - given)}, "
+                         f"unexpected {sorted(given - needed)}")
+    for name in given:
+        arr = arrays[name]
+        want = "f" if name.startswith("encoder.") else "iu"
+        if arr.dtype.kind not in want or tuple(arr.shape) != tuple(state[name].shape):
+            raise ValueError(f"array {name} has dtype {arr.dtype} and shape {arr.shape}; the model needs "
+                             f"{'float' if want == 'f' else 'integer'} {tuple(state[name].shape)}")
+        state[name] = torch.from_numpy(np.array(arr)).to(state[name].dtype)
+    net.load_state_dict(state)
+    net.eval()
+    probs = arrays["tables.bit_probs"]
+    if probs.shape != (RC.ITERATIONS * RC.BITS_PER_BLOCK * 3,):
+        raise ValueError("weights file has bit probabilities of the wrong shape")
+    return LoadedModel(header["model_id"], digest, header, net, BitTables(probs.astype(np.int64)),
+                       threading.Lock())
 
 
 def read_weights(data: bytes) -> LoadedModel:
@@ -77,7 +152,12 @@ def read_weights(data: bytes) -> LoadedModel:
         dt = np.dtype(a["dtype"])
         count = int(np.prod(a["shape"])) if a["shape"] else 1
         arrays[a["name"]] = np.frombuffer(data, dt, count, base + a["offset"]).reshape(a["shape"])
+    unknown = set(header) - {"model_id", "config", "extra", "arrays"}
+    if unknown:
+        raise ValueError(f"unknown weights file header keys {sorted(unknown)}")
     cfg = header["config"]
+    if cfg.get("kind") == RNN_CONV_KIND:
+        return _read_lossy(header, arrays, hashlib.sha256(data).digest())
     if set(cfg) != {"width", "use_lstm"}:
         raise ValueError(f"unknown model configuration {cfg}")
     net = ContextModel(width=cfg["width"], use_lstm=cfg["use_lstm"])
@@ -93,9 +173,6 @@ def read_weights(data: bytes) -> LoadedModel:
     offsets, freqs = arrays.get("tables.offsets"), arrays.get("tables.freqs")
     if offsets is None or freqs is None or offsets.ndim != 1 or freqs.ndim != 1 or int(offsets[-1]) != len(freqs):
         raise ValueError("weights file lacks consistent probability tables")
-    unknown = set(header) - {"model_id", "config", "extra", "arrays"}
-    if unknown:
-        raise ValueError(f"unknown weights file header keys {sorted(unknown)}")
     for name in given:
         arr = arrays[name]
         if tuple(arr.shape) != tuple(state[name].shape):
@@ -119,6 +196,12 @@ def default_model() -> str:
     (Decoding always uses the model a frame names.)"""
     import os
     return os.environ.get("DICOM_NNCODEC_MODEL") or DEFAULT_LOSSLESS_MODEL
+
+
+def default_lossy_model() -> str:
+    """The RNN-Conv model ``ratio=`` encodes with: ``DICOM_NNCODEC_LOSSY_MODEL`` if set, else the default."""
+    import os
+    return os.environ.get("DICOM_NNCODEC_LOSSY_MODEL") or DEFAULT_LOSSY_MODEL
 
 
 def weights_dir() -> Path:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from . import pyramid as P
-from .quant import QConv, ste_floor, ste_round
+from .quant import QConv, QConvLSTM, ste_floor, ste_round
 
 CONTEXT_LEVEL = 3          # the ConvLSTM runs at the size of pyramid level 3 (1/8 per side)
 HIDDEN = 8
@@ -50,65 +50,16 @@ class StepNet(nn.Module):
         return self.head.forward_qat(self.conv3.forward_qat(self.conv2.forward_qat(y)))
 
 
-def _luts():
-    z = torch.arange(-127, 128, dtype=torch.float64) / 16
-    c = torch.arange(-1023, 1024, dtype=torch.float64) / 128
-    return (torch.floor(128 * torch.sigmoid(z) + 0.5).long(), torch.floor(128 * torch.tanh(z) + 0.5).long(),
-            torch.floor(128 * torch.tanh(c) + 0.5).long())
-
-
-class ContextLSTM(nn.Module):
-    """Integer ConvLSTM cell.  Gates in Q4, cell and hidden state in Q7; the
-    non-linearities are lookup tables built once at export and shipped."""
+class ContextLSTM(QConvLSTM):
+    """The integer ConvLSTM cell (``quant.QConvLSTM``) plus one projection of its hidden state per
+    phase.  Its input is the integer step summary (not in Q7), hence the scaling in ``step``."""
 
     def __init__(self, width: int):
-        super().__init__()
-        cin = SUMMARY_CHANNELS + HIDDEN
-        self.gates = QConv(cin, 4 * HIDDEN, 3, in_frac=7, act=None, in_max=128)
+        super().__init__(SUMMARY_CHANNELS, HIDDEN, 3)
         self.proj = nn.ModuleDict({p: QConv(HIDDEN, width, 1, in_frac=7, act=None, in_max=128) for p in P.PHASES})
-        sig, tanh_z, tanh_c = _luts()
-        self.register_buffer("sig_lut", sig)
-        self.register_buffer("tanh_z_lut", tanh_z)
-        self.register_buffer("tanh_c_lut", tanh_c)
-
-    @property
-    def sig_lut_f(self):
-        return self._float_lut("sig_lut")
-
-    @property
-    def tanh_z_lut_f(self):
-        return self._float_lut("tanh_z_lut")
-
-    @property
-    def tanh_c_lut_f(self):
-        return self._float_lut("tanh_c_lut")
-
-    def _float_lut(self, name):
-        cache = self.__dict__.setdefault("_float_luts", {})
-        lut = getattr(self, name)
-        got = cache.get(name)
-        if got is None or got.device != lut.device:
-            got = cache[name] = lut.to(torch.float32)
-        return got
 
     def step(self, x, h, c, integer: bool):
-        if integer:
-            # integers held in float32: every product and sum below is < 2**18, so exact; the
-            # divisions are by 128 (exact) and floored
-            z = self.gates.forward_int(torch.cat([x, h], 1).to(torch.float32)).to(torch.int64) + 127
-            sig = torch.take(self.sig_lut_f, z[:, :3 * HIDDEN].contiguous())
-            i, f, o = sig.chunk(3, 1)
-            g = torch.take(self.tanh_z_lut_f, z[:, 3 * HIDDEN:].contiguous())
-            c = torch.floor_((f * c + i * g) * (1.0 / 128)).clamp_(-1023, 1023)
-            h = torch.floor_(o * torch.take(self.tanh_c_lut_f, c.to(torch.int64) + 1023) * (1.0 / 128))
-            return h, c
-        z = self.gates.forward_qat(torch.cat([x / 128, h], 1))
-        i, f, o, g = z.chunk(4, 1)
-        i, f, o = (ste_round(128 * torch.sigmoid(t)) / 128 for t in (i, f, o))
-        g = ste_round(128 * torch.tanh(g)) / 128
-        c = (ste_floor(128 * (f * c + i * g)) / 128).clamp(-1023 / 128, 1023 / 128)
-        h = ste_floor(128 * o * ste_round(128 * torch.tanh(c)) / 128) / 128
-        return h, c
+        return super().step(x if integer else x / 128, h, c, integer)
 
     def bias(self, phase, h, integer: bool):
         if integer:

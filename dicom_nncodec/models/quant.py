@@ -124,3 +124,62 @@ class QConv(nn.Module):
             neg = torch.mul(y, 1.0 / (1 << LEAKY_SHIFT)).floor_()
             torch.maximum(y, neg, out=y)
         return y.clamp_(-self.out_clamp, self.out_clamp)
+
+
+def _lstm_luts():
+    """sigmoid and tanh of the gate pre-activations (Q4, |z| <= 127) and tanh of the cell (Q7,
+    |c| <= 1023), all in Q7: computed once in float64, rounded, and from then on only looked up."""
+    z = torch.arange(-127, 128, dtype=torch.float64) / 16
+    c = torch.arange(-1023, 1024, dtype=torch.float64) / 128
+    return (torch.floor(128 * torch.sigmoid(z) + 0.5).long(), torch.floor(128 * torch.tanh(z) + 0.5).long(),
+            torch.floor(128 * torch.tanh(c) + 0.5).long())
+
+
+class QConvLSTM(nn.Module):
+    """ConvLSTM cell in exact integer arithmetic.
+
+    Input and hidden state in Q7 (|v| <= 128), gate pre-activations in Q4, cell in Q7; the
+    non-linearities are lookup tables (buffers, so they ship with the weights).  In integer mode
+    every product and sum is below 2**18 and the divisions are by 128 then floored, so results
+    are exact in float32 on any device.  In training mode (``integer=False``) the same grid is
+    followed with straight-through rounding, and ``x``/``h``/``c`` are the float values.
+    """
+
+    def __init__(self, cin: int, hidden: int, k: int = 3):
+        super().__init__()
+        self.hidden = hidden
+        self.gates = QConv(cin + hidden, 4 * hidden, k, in_frac=7, act=None, in_max=128)
+        sig, tanh_z, tanh_c = _lstm_luts()
+        self.register_buffer("sig_lut", sig)
+        self.register_buffer("tanh_z_lut", tanh_z)
+        self.register_buffer("tanh_c_lut", tanh_c)
+
+    def _float_lut(self, name):
+        cache = self.__dict__.setdefault("_float_luts", {})
+        lut = getattr(self, name)
+        got = cache.get(name)
+        if got is None or got.device != lut.device:
+            got = cache[name] = lut.to(torch.float32)
+        return got
+
+    def step(self, x, h, c, integer: bool):
+        hid = self.hidden
+        if integer:
+            z = self.gates.forward_int(torch.cat([x, h], 1).to(torch.float32)).to(torch.int64) + 127
+            sig = torch.take(self._float_lut("sig_lut"), z[:, :3 * hid].contiguous())
+            i, f, o = sig.chunk(3, 1)
+            g = torch.take(self._float_lut("tanh_z_lut"), z[:, 3 * hid:].contiguous())
+            c = torch.floor_((f * c + i * g) * (1.0 / 128)).clamp_(-1023, 1023)
+            h = torch.floor_(o * torch.take(self._float_lut("tanh_c_lut"), c.to(torch.int64) + 1023) * (1.0 / 128))
+            return h, c
+        z = self.gates.forward_qat(torch.cat([x, h], 1))
+        i, f, o, g = z.chunk(4, 1)
+        i, f, o = (ste_round(128 * torch.sigmoid(t)) / 128 for t in (i, f, o))
+        g = ste_round(128 * torch.tanh(g)) / 128
+        c = (ste_floor(128 * (f * c + i * g)) / 128).clamp(-1023 / 128, 1023 / 128)
+        h = ste_floor(128 * o * ste_round(128 * torch.tanh(c)) / 128) / 128
+        return h, c
+
+    def zero_state(self, n: int, rows: int, cols: int, device):
+        h = torch.zeros(n, self.hidden, rows, cols, device=device)
+        return h, torch.zeros_like(h)

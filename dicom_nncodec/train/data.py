@@ -102,11 +102,12 @@ def load_training_set(roots: list[str], hold_out: list[str], max_png: int | None
 class CropSampler:
     """Random crops (with flips and transposes) drawn group by group."""
 
-    def __init__(self, ts: TrainingSet, seed: int):
+    def __init__(self, ts: TrainingSet, seed: int, weights: dict[str, float] | None = None):
         self.ts = ts
         self.rng = np.random.default_rng(seed)
-        self.groups = [g for g in GROUP_WEIGHTS if ts.groups.get(g)]
-        w = np.array([GROUP_WEIGHTS[g] for g in self.groups])
+        weights = weights or GROUP_WEIGHTS
+        self.groups = [g for g in weights if ts.groups.get(g)]
+        w = np.array([weights[g] for g in self.groups])
         self.weights = w / w.sum()
 
     def batch(self, n: int, size: int):
