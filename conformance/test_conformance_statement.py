@@ -535,10 +535,13 @@ def test_live_commitment_report_on_a_new_association(tmp_path):
 
 # --- 4.4 configuration, 7.2 access, 7.1 TLS -------------------------------------------------------------
 
+WHOLE = ("compression.lossy_ceilings",)       # mappings listed as one row (their own table: 5.3.1)
+
+
 def leaves(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and v:
+        if isinstance(v, dict) and v and f"{prefix}{k}" not in WHOLE:
             out.update(leaves(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
@@ -566,10 +569,36 @@ def test_configuration_table_is_the_default_file():
         elif key == "compression.rules":
             assert [r["action"] for r in value] == ["lossless"] and "match" not in value[0]
             assert cell == "lossless for every supported image"
+        elif key == "compression.lossy_ceilings":
+            assert cell == "the DRG consensus ceilings of 5.3.1"
         elif isinstance(value, list):
             assert cell == "[]" and value == []
         else:
             assert cell == shown(value), key
+
+
+def test_lossy_ceilings_table_is_the_default_configuration(defaults):
+    """5.3.1: every ceiling of the default configuration, and what an instance of each row gets."""
+    from scp import ceilings
+    rows = table("lossy-ceilings")
+    listed: dict[str, tuple[float | None, dict]] = {}
+    for modality, body_parts, ceiling, _ in rows:
+        ratio = float(ceiling.removesuffix(":1"))
+        general, parts = listed.get(modality, (None, {}))
+        if body_parts in ("any", "any other, or none"):
+            general = ratio
+            samples = ["", "CHEST"] if body_parts != "any" else ["", "HEAD"]
+        else:
+            samples = [b.strip() for b in body_parts.split(",")]
+            parts = {**parts, **{b: ratio for b in samples}}
+        listed[modality] = (general, parts)
+        for body_part in samples:
+            assert ceilings.for_instance(defaults.lossy_ceilings, modality, body_part).ratio == ratio
+    assert listed == {m: (c.ratio, c.body_parts) for m, c in defaults.lossy_ceilings.by_modality.items()}
+    for modality in ("US", "NM", "PT", "OT"):                    # "A modality not listed ... has no ceiling"
+        assert f"{modality}" in text() and modality not in listed
+        assert ceilings.for_instance(defaults.lossy_ceilings, modality, "").ratio is None
+    assert all(r.action != "ratio" for r in defaults.rules)
 
 
 def test_access_defaults(defaults):

@@ -17,7 +17,8 @@ in a standard syntax (kept byte for byte), or, when it arrived in a private
 syntax, every frame decodes and passes its CRC-32 now.  Failed, with Failure
 Reason: 0112H no such object instance; 0119H the SOP class differs; 0110H
 processing failure: the file is missing or damaged, fsync is off, or the
-original is (or is about to be) replaced by a near-lossless derivative.
+original is (or is about to be) replaced by a lossy derivative (a max_error or
+ratio rule).
 """
 from __future__ import annotations
 
@@ -192,7 +193,7 @@ class Commitments:
         kept, replaced = self.index.kept(sop_uid)
         if kept is None:
             if replaced:
-                return PROCESSING_FAILURE, "replaced by a near-lossless derivative: the original is not kept"
+                return PROCESSING_FAILURE, "replaced by a lossy derivative: the original is not kept"
             return NO_SUCH_OBJECT_INSTANCE, "not stored here"
         if kept.sop_class_uid != sop_class:
             return CLASS_INSTANCE_CONFLICT, f"stored as SOP class {kept.sop_class_uid}"
@@ -201,9 +202,10 @@ class Commitments:
         if kept.state == PENDING:
             decision = R.decide(self.cfg.rules, R.Facts(kept.modality, kept.sop_class_uid, kept.calling_ae,
                                                         kept.bits_stored, kept.photometric,
-                                                        kept.received_transfer_syntax))
-            if decision.action == R.MAX_ERROR:
-                return PROCESSING_FAILURE, f"rule {decision.rule!r} will replace it by a near-lossless derivative"
+                                                        kept.received_transfer_syntax, kept.body_part),
+                                self.cfg.lossy_ceilings)
+            if decision.lossy:
+                return PROCESSING_FAILURE, f"rule {decision.rule!r} will replace it by a lossy derivative"
         try:
             path = self.storage.abspath(kept.path)
             if os.path.getsize(path) != kept.stored_bytes:

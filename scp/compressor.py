@@ -9,12 +9,23 @@ For each instance: decide by the rules, decode whatever arrived, encode with
 the learned codec (frames batched, on the GPU when configured), decode the
 result again and compare (bit-exact for lossless, within N for max_error;
 for natively encoded input the lossless check is on the stored bytes, so bits
-above Bits Stored that the codec would drop are caught), then write the new
-file durably and switch the index to it in one transaction.  Any failure
-keeps the original and records why.  A failure to write (a full disk, a
-read-only folder) is not the instance's fault: it goes back to the queue and
-the worker waits (also while less than ``storage.min_free_mb`` is free) instead
-of marking it failed.
+above Bits Stored that the codec would drop are caught; for a ``ratio`` rule,
+whose pixels have no error bound to compare against, every frame must decode
+through the normal path, which checks its CRC, and reach a ratio within 10 %
+of the one asked), then write the new file durably and switch the index to it
+in one transaction.  Any failure keeps the original and records why.
+
+A ``ratio`` rule is held to the lossy ceiling of the instance (see
+``scp.rules``): the Modality and Body Part Examined of the stored file are
+checked again before encoding, and a result with a frame above the ceiling
+(the codec may exceed the ratio asked by up to 10 %) is discarded; in both
+cases the instance is compressed losslessly instead, with a log line.  A
+ratio the codec cannot reach for an image is a refusal like any unsupported
+pixel data: the instance is kept as received, with the codec's reason.
+
+A failure to write (a full disk, a read-only folder) is not the instance's
+fault: it goes back to the queue and the worker waits (also while less than
+``storage.min_free_mb`` is free) instead of marking it failed.
 """
 from __future__ import annotations
 
@@ -30,9 +41,12 @@ from pydicom.dataset import Dataset
 
 import dicom_nncodec
 from dicom_nncodec import NNCodecLossless, NNCodecLossy, UnsupportedPixelData
+from dicom_nncodec.dataset import compression_ratio, encoded_frames
+from dicom_nncodec.pixels import PixelFormat
 
 from . import faults
 from . import rules as R
+from .ceilings import ratio_text
 from .config import Config
 from .index import FAILED, KEPT, Index, Job, header_json
 from .storage import Storage
@@ -42,6 +56,14 @@ log = logging.getLogger("scp.compressor")
 
 class VerificationError(Exception):
     """The re-decoded result differs from the original beyond what the action allows."""
+
+
+class AboveCeiling(Exception):
+    """A frame of a ``ratio`` result is compressed more than the instance's lossy ceiling allows."""
+
+
+# how far a frame's ratio may be from the ratio asked (the codec's promise)
+RATIO_TOLERANCE = 0.10
 
 
 def _frames_array(ds: Dataset) -> np.ndarray:
@@ -65,6 +87,12 @@ def _native_bytes(ds: Dataset) -> bytes | None:
     return data
 
 
+def frame_ratios(ds: Dataset) -> list[float]:
+    """The compression ratio of each encoded frame of ``ds`` (uncompressed at Bits Allocated / encoded)."""
+    fmt = PixelFormat.from_dataset(ds)
+    return [compression_ratio(fmt, [frame]) for frame in encoded_frames(ds)]
+
+
 def compress_verified(ds: Dataset, decision: R.Decision, device: str, batch_size: int) -> Dataset:
     """Compress ``ds`` in place as ``decision`` says and prove the result decodes as required."""
     dicom_nncodec.fix_transfer_syntax(ds)
@@ -74,6 +102,8 @@ def compress_verified(ds: Dataset, decision: R.Decision, device: str, batch_size
     reference_bytes = _native_bytes(ds) if decision.action == R.LOSSLESS else None
     if decision.action == R.LOSSLESS:
         dicom_nncodec.compress(ds, NNCodecLossless, device=device, batch_size=batch_size)
+    elif decision.action == R.RATIO:
+        dicom_nncodec.compress(ds, NNCodecLossy, ratio=decision.ratio, device=device, batch_size=batch_size)
     else:
         dicom_nncodec.compress(ds, NNCodecLossy, max_error=decision.max_error, device=device,
                                batch_size=batch_size)
@@ -87,12 +117,32 @@ def compress_verified(ds: Dataset, decision: R.Decision, device: str, batch_size
         if reference_bytes is not None and bytes(check.PixelData[:len(reference_bytes)]) != reference_bytes:
             raise UnsupportedPixelData("the stored pixel data has bits set above Bits Stored, which lossless "
                                        "coding of the stored values would drop")
+    elif decision.action == R.RATIO:
+        ratios = frame_ratios(ds)
+        asked = decision.ratio
+        low, high = min(ratios), max(ratios)
+        if low < asked * (1 - RATIO_TOLERANCE) - 1e-9 or high > asked * (1 + RATIO_TOLERANCE) + 1e-9:
+            raise VerificationError(f"frame compression ratios {low:.2f}..{high:.2f}:1 are not within "
+                                    f"{RATIO_TOLERANCE:.0%} of the {ratio_text(asked)} asked")
+        if decision.ceiling is not None and high > decision.ceiling:
+            raise AboveCeiling(f"a frame reached {high:.2f}:1, above the {ratio_text(decision.ceiling)} "
+                               f"ceiling for this instance")
     else:
         worst = int(np.abs(result - reference).max(initial=0))
         if worst > decision.max_error:
             raise VerificationError(f"decoded pixels differ by up to {worst}, more than max_error "
                                     f"{decision.max_error}")
     return ds
+
+
+def achieved_ratio(ds: Dataset) -> float:
+    """The compression ratio of the whole encoded instance (as Lossy Image Compression Ratio states it)."""
+    return compression_ratio(PixelFormat.from_dataset(ds), encoded_frames(ds))
+
+
+def _attribute(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
 
 
 class Compressor:
@@ -177,8 +227,8 @@ class Compressor:
     def process(self, job: Job) -> bool:
         """Compress one claimed instance; False when it was put back in the queue (nothing could be written)."""
         facts = R.Facts(job.modality, job.sop_class_uid, job.calling_ae, job.bits_stored, job.photometric,
-                        job.received_transfer_syntax)
-        decision = R.decide(self.cfg.rules, facts)
+                        job.received_transfer_syntax, job.body_part)
+        decision = R.decide(self.cfg.rules, facts, self.cfg.lossy_ceilings)
         if decision.action == R.KEEP:
             self.index.finish_unchanged(job, KEPT, f"kept by rule: {decision.rule}")
             return True
@@ -188,10 +238,19 @@ class Compressor:
         started = time.monotonic()
         try:
             ds = dcmread(self.storage.abspath(job.path))
-            compress_verified(ds, decision, self.cfg.device, self.cfg.batch_size)
-        except UnsupportedPixelData as exc:
-            self.index.finish_unchanged(job, KEPT, f"not supported by the codec: {exc}")
-            log.info("kept %s as received: not supported by the codec: %s", job.sop_uid, exc)
+            # the ceiling again, from the stored file's own attributes (the index holds the series')
+            decision = R.cap(decision, self.cfg.lossy_ceilings, _attribute(ds, "Modality"),
+                             _attribute(ds, "BodyPartExamined"))
+            try:
+                compress_verified(ds, decision, self.cfg.device, self.cfg.batch_size)
+            except AboveCeiling as exc:
+                decision = R.lossless_instead(decision, str(exc))
+                ds = dcmread(self.storage.abspath(job.path))
+                compress_verified(ds, decision, self.cfg.device, self.cfg.batch_size)
+        except UnsupportedPixelData as exc:     # also a ratio the codec cannot reach for this image
+            at = f" at {ratio_text(decision.ratio)}" if decision.action == R.RATIO else ""
+            self.index.finish_unchanged(job, KEPT, f"not supported by the codec{at}: {exc}")
+            log.info("kept %s as received: not supported by the codec%s: %s", job.sop_uid, at, exc)
             return True
         except OSError as exc:         # the stored file cannot be read now (a disk error): not the instance's fault
             self.index.release(job)
@@ -216,18 +275,24 @@ class Compressor:
             log.warning("compression of %s failed, original kept: %s", job.sop_uid, reason)
             return True
         faults.point("compress.written")
-        new_uid = str(ds.SOPInstanceUID) if decision.action == R.MAX_ERROR else None
+        new_uid = str(ds.SOPInstanceUID) if decision.lossy else None
+        note = decision.note
+        if decision.action == R.RATIO:
+            note = (f"ratio {achieved_ratio(ds):.2f}:1 reached (rule {decision.rule!r} asks "
+                    f"{ratio_text(decision.ratio)})")
         try:
             done, remove = self.index.finish_compressed(job, path, str(ds.file_meta.TransferSyntaxUID), size,
-                                                        new_uid, header_json(ds) if new_uid else None)
+                                                        new_uid, header_json(ds) if new_uid else None, note)
         except BaseException:
             self.storage.remove(path)      # the index still points to the original
             raise
         faults.point("compress.switched")
         self.storage.remove(remove)
-        if done:
-            log.info("compressed %s (%s) to %d bytes in %.2f s%s", job.sop_uid, decision.action, size,
-                     time.monotonic() - started, f", new SOP Instance UID {new_uid}" if new_uid else "")
+        if done:      # a warning when the rule's lossy action was not taken: its match meets instances it may not
+            log.log(logging.WARNING if decision.note else logging.INFO,
+                    "compressed %s (%s) to %d bytes in %.2f s%s%s", job.sop_uid, decision.action, size,
+                    time.monotonic() - started, f", new SOP Instance UID {new_uid}" if new_uid else "",
+                    f"; {note}" if note else "")
         else:
             log.info("compressed %s, but a newer copy arrived meanwhile: result discarded", job.sop_uid)
         return True

@@ -18,13 +18,17 @@ from typing import Any
 import yaml
 from pydicom.uid import UID
 
+from . import ceilings as CL
+
 SERVICES = ("echo", "store", "find", "get", "move")
 DUPLICATE_POLICIES = ("keep", "replace", "reject")
 DEVICES = ("auto", "cpu", "cuda")
 CLIENT_CERTIFICATES = ("none", "optional", "required")
 TLS_VERSIONS = ("1.2", "1.3")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-MATCH_KEYS = ("modality", "sop_class", "calling_ae", "bits_stored", "photometric", "received_lossy")
+MATCH_KEYS = ("modality", "body_part", "sop_class", "calling_ae", "bits_stored", "photometric", "received_lossy")
+# mappings a user file extends entry by entry (an entry set to null is removed) instead of key by key
+_MERGED_BY_ENTRY = ("compression.lossy_ceilings",)
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")   # printable ASCII, no backslash
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -61,11 +65,14 @@ class TLS:
 @dataclass(frozen=True)
 class Rule:
     """One compression rule: ``match`` maps a match key to its allowed values,
-    ``action`` is "lossless", "keep" or "max_error" (with ``max_error`` N)."""
+    ``action`` is "lossless", "keep", "max_error" (with ``max_error`` N) or "ratio" (with
+    ``ratio`` R); ``allow_above_ceiling``: the lossy ceilings are not enforced for this rule."""
     name: str
     match: dict[str, Any]
     action: str
     max_error: int = 0
+    ratio: float = 0.0
+    allow_above_ceiling: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,7 @@ class Config:
     batch_size: int
     poll_seconds: float
     rules: tuple[Rule, ...]
+    lossy_ceilings: CL.Ceilings
     retrieve_syntaxes: tuple[UID, ...]
     max_associations: int
     max_pdu_size: int
@@ -105,6 +113,8 @@ class Config:
     log_file: str
     pynetdicom_log_level: str
     source: str = field(default="<default>", compare=False)
+    # what the node logs as warnings when it starts (the configuration is loaded before logging is set up)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def peer_by_ae(self, ae_title: str) -> Peer | None:
         ae_title = ae_title.strip()
@@ -145,10 +155,30 @@ def _overlay(base: dict, user: dict, path: str = "") -> dict:
         if not isinstance(key, str) or key not in base:
             known = ", ".join(sorted(base))
             raise ConfigError(here, f"unknown key (known here: {known})")
-        if isinstance(base[key], dict) and base[key]:
+        if here in _MERGED_BY_ENTRY:
+            if not isinstance(value, dict):
+                raise ConfigError(here, "must be a mapping")
+            out[key] = _merge_entries(base[key], value, here)
+        elif isinstance(base[key], dict) and base[key]:
             if not isinstance(value, dict):
                 raise ConfigError(here, "must be a mapping")
             out[key] = _overlay(base[key], value, here + ".")
+        else:
+            out[key] = value
+    return out
+
+
+def _merge_entries(base: dict, user: dict, path: str) -> dict:
+    """``user``'s entries replace or add to ``base``'s (keys compared upper-case); null removes one."""
+    out = {k.upper() if isinstance(k, str) else k: v for k, v in base.items()}
+    seen = set()
+    for key, value in user.items():
+        key = key.upper() if isinstance(key, str) else key
+        if key in seen:
+            raise ConfigError(f"{path}.{key}", "is given twice")
+        seen.add(key)
+        if value is None:
+            out.pop(key, None)
         else:
             out[key] = value
     return out
@@ -284,8 +314,17 @@ def _bits_ranges(v, path) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def _ratio(v, path) -> float:
+    """A compression ratio R (of R:1): a number greater than 1."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+        raise ConfigError(path, f"must be a number greater than 1 (R of the ratio R:1), not {v!r}")
+    if v <= 1:
+        raise ConfigError(path, f"must be greater than 1 (R of the ratio R:1), not {v!r}")
+    return float(v)
+
+
 def _rule(v, path) -> Rule:
-    v = _mapping(v, path, ("name", "match", "action"), required=("action",))
+    v = _mapping(v, path, ("name", "match", "action", "allow_above_ceiling"), required=("action",))
     name = _str(v.get("name", ""), f"{path}.name")
     match_in = _mapping(v.get("match") or {}, f"{path}.match", MATCH_KEYS)
     match: dict[str, Any] = {}
@@ -299,15 +338,87 @@ def _rule(v, path) -> Rule:
             match[key] = tuple(sop_class(s, p) for s in _list_of(value, p))
         else:
             vals = tuple(_str(s, p, empty=False).strip() for s in _list_of(value, p))
-            if key in ("modality", "photometric"):
+            if key in ("modality", "body_part", "photometric"):
                 vals = tuple(s.upper() for s in vals)
             match[key] = vals
     action = v["action"]
     p = f"{path}.action"
+    allow = _bool(v.get("allow_above_ceiling", False), f"{path}.allow_above_ceiling")
+    if isinstance(action, dict) and "ratio" in action:
+        if "max_error" in action:
+            raise ConfigError(p, "ratio and max_error exclude each other: give one")
+        _mapping(action, p, ("ratio", "max_error"))
+        return Rule(name or path, match, "ratio", ratio=_ratio(action["ratio"], f"{p}.ratio"),
+                    allow_above_ceiling=allow)
+    if allow:
+        raise ConfigError(f"{path}.allow_above_ceiling", "applies only to a rule with action {ratio: R}")
     if isinstance(action, dict):
-        _mapping(action, p, ("max_error",), required=("max_error",))
+        _mapping(action, p, ("max_error", "ratio"), required=("max_error",))
         return Rule(name or path, match, "max_error", _int(action["max_error"], f"{p}.max_error", 1, 255))
     return Rule(name or path, match, _choice(action, p, ("lossless", "keep")))
+
+
+def _ceiling_key(k, path, what) -> str:
+    if not isinstance(k, str) or not k.strip():
+        raise ConfigError(path, f"{what} {k!r} must be text (quote it if YAML reads it as something else)")
+    if set(k) & set("*?[") or "\\" in k:
+        raise ConfigError(path, f"{what} {k!r}: list single values, without wildcards or backslashes")
+    return k.strip().upper()
+
+
+def _ceilings(v, path) -> CL.Ceilings:
+    """``compression.lossy_ceilings``: modality -> R, or -> {ratio: R, body_part: {VALUE: R, ...}}."""
+    if not isinstance(v, dict):
+        raise ConfigError(path, "must be a mapping of modalities to ratios")
+    out: dict[str, CL.ModalityCeiling] = {}
+    for key, value in v.items():
+        modality = _ceiling_key(key, path, "modality")
+        p = f"{path}.{modality}"
+        if modality in out:
+            raise ConfigError(p, "is given twice")
+        if isinstance(value, dict):
+            _mapping(value, p, ("ratio", "body_part"), required=("ratio",))
+            parts_in = value.get("body_part") or {}
+            if not isinstance(parts_in, dict):
+                raise ConfigError(f"{p}.body_part", "must be a mapping of Body Part Examined values to ratios")
+            parts: dict[str, float] = {}
+            for bp, r in parts_in.items():
+                name = _ceiling_key(bp, f"{p}.body_part", "body part")
+                parts[name] = _ratio(r, f"{p}.body_part.{name}")
+            out[modality] = CL.ModalityCeiling(_ratio(value["ratio"], f"{p}.ratio"), parts)
+        else:
+            out[modality] = CL.ModalityCeiling(_ratio(value, p))
+    return CL.Ceilings(out)
+
+
+def _check_ceilings(rules: tuple[Rule, ...], ceilings: CL.Ceilings) -> tuple[str, ...]:
+    """Refuse a ``ratio`` rule that could meet an instance whose ceiling is lower (or that has
+    none), unless it says ``allow_above_ceiling: true``; returns the warnings for those that do."""
+    warnings = []
+    for i, rule in enumerate(rules):
+        if rule.action != "ratio":
+            continue
+        limit = CL.for_rule(ceilings, rule.match.get("modality"), rule.match.get("body_part"))
+        asks = CL.ratio_text(rule.ratio)
+        if limit.allows(rule.ratio):
+            if rule.allow_above_ceiling:
+                warnings.append(f"rule {rule.name!r} ({asks}) says allow_above_ceiling: true: the lossy "
+                                f"ceilings are not checked for the instances it compresses")
+            continue
+        if limit.ratio is None:
+            why = (f"rule {rule.name!r} ({asks}) may match {limit.where}, which has no lossy ceiling in "
+                   f"compression.lossy_ceilings, so lossy compression by ratio is not allowed for it")
+            fix = "Narrow the rule's match to modalities with a ceiling, give the modality a ceiling"
+        else:
+            why = f"rule {rule.name!r} asks {asks}, above {limit.describe()} (compression.lossy_ceilings)"
+            fix = "Lower the ratio, narrow the rule's match (modality, body_part)"
+        if rule.allow_above_ceiling:
+            warnings.append(f"{why}; allowed by allow_above_ceiling: true")
+            continue
+        raise ConfigError(f"compression.rules[{i}].action.ratio",
+                          f"{why}. {fix}, or, on the decision of the radiologist in charge, add "
+                          f"allow_above_ceiling: true to the rule")
+    return tuple(warnings)
 
 
 def _peer(v, path) -> Peer:
@@ -389,6 +500,9 @@ def build(d: dict, source: str) -> Config:
         except Exception as exc:
             raise ConfigError("index.url", f"not an SQLAlchemy database URL ({exc})") from None
     tls = _tls(d["tls"], peers)
+    rules = tuple(_rule(r, f"compression.rules[{i}]") for i, r in enumerate(rules_in))
+    ceilings = _ceilings(co.get("lossy_ceilings"), "compression.lossy_ceilings")
+    warnings = _check_ceilings(rules, ceilings)
     port = None if d["port"] is None else _int(d["port"], "port", 0, 65535)
     if port is None and tls.port is None:
         raise ConfigError("port", "may be null only when tls.port is set (the node needs a listener)")
@@ -409,7 +523,8 @@ def build(d: dict, source: str) -> Config:
         workers=_int(co.get("workers"), "compression.workers", 0, 64),
         batch_size=_int(co.get("batch_size"), "compression.batch_size", 1, 4096),
         poll_seconds=_num(co.get("poll_seconds"), "compression.poll_seconds", 0.01),
-        rules=tuple(_rule(r, f"compression.rules[{i}]") for i, r in enumerate(rules_in)),
+        rules=rules,
+        lossy_ceilings=ceilings,
         retrieve_syntaxes=tuple(ts),
         max_associations=_int(li.get("max_associations"), "limits.max_associations", 1, 1000),
         max_pdu_size=_int(li.get("max_pdu_size"), "limits.max_pdu_size", 0),
@@ -428,6 +543,7 @@ def build(d: dict, source: str) -> Config:
         commitment_retry_seconds=_num(cm.get("retry_seconds"), "commitment.retry_seconds", 0.1),
         commitment_give_up_hours=_num(cm.get("give_up_hours"), "commitment.give_up_hours", 0),
         source=source,
+        warnings=warnings,
     )
 
 

@@ -224,6 +224,7 @@ class Kept:
     calling_ae: str
     bits_stored: int
     photometric: str
+    body_part: str = ""
 
 
 @dataclass
@@ -241,6 +242,7 @@ class Job:
     photometric: str
     transfer_syntax: str
     received_transfer_syntax: str
+    body_part: str = ""
 
 
 def _to_int(v) -> int | None:
@@ -480,7 +482,8 @@ class Index:
                     series = s.get(Series, inst.series_pk)
                     return Job(item.id, inst.id, item.generation, inst.path, inst.sop_uid, inst.sop_class_uid,
                                series.modality if series else "", inst.calling_ae, inst.bits_stored,
-                               inst.photometric, inst.transfer_syntax, inst.received_transfer_syntax)
+                               inst.photometric, inst.transfer_syntax, inst.received_transfer_syntax,
+                               series.body_part if series else "")
             return None
 
     def release(self, job: Job) -> None:
@@ -501,16 +504,17 @@ class Index:
         return inst
 
     def finish_compressed(self, job: Job, path: str, transfer_syntax: str, size: int,
-                          new_sop_uid: str | None, header: str | None) -> tuple[bool, str]:
+                          new_sop_uid: str | None, header: str | None, note: str = "") -> tuple[bool, str]:
         """Switch the instance to its compressed file.  Returns (done, path to remove):
-        the old file when done, else the new one (the instance changed meanwhile)."""
+        the old file when done, else the new one (the instance changed meanwhile).  ``note``
+        (e.g. the ratio a lossy rule reached) is kept as the instance's state reason."""
         with self.writing() as s:
             inst = self._finish(s, job)
             if inst is None:
                 return False, path
             old = inst.path
             inst.path, inst.transfer_syntax, inst.stored_bytes = path, transfer_syntax, size
-            inst.state, inst.state_reason = COMPRESSED, ""
+            inst.state, inst.state_reason = COMPRESSED, note[:2000]
             inst.generation += 1
             if new_sop_uid and new_sop_uid != inst.sop_uid:
                 inst.original_sop_uid, inst.sop_uid = inst.sop_uid, new_sop_uid
@@ -609,15 +613,17 @@ class Index:
         """The stored instance ``sop_uid`` and False; (None, True) when it was replaced by a near-lossless
         derivative with a new UID; (None, False) when it is unknown."""
         with self.session() as s:
-            row = s.execute(select(Instance, Series.modality).join(Series, Instance.series_pk == Series.id)
+            row = s.execute(select(Instance, Series.modality, Series.body_part)
+                            .join(Series, Instance.series_pk == Series.id)
                             .where(Instance.sop_uid == sop_uid)).first()
             if row is None:
                 replaced = s.scalar(select(func.count()).select_from(Instance)
                                     .where(Instance.original_sop_uid == sop_uid)) or 0
                 return None, bool(replaced)
-            i, modality = row
+            i, modality, body_part = row
             return Kept(i.sop_uid, i.sop_class_uid, i.path, i.stored_bytes, i.state, i.transfer_syntax,
-                        i.received_transfer_syntax, modality, i.calling_ae, i.bits_stored, i.photometric), False
+                        i.received_transfer_syntax, modality, i.calling_ae, i.bits_stored, i.photometric,
+                        body_part), False
 
     # --- failures and statistics ----------------------------------------------------------------------
 

@@ -110,6 +110,8 @@ class Node:
 
     def start(self) -> "Node":
         check_startup(self.cfg)
+        for warning in self.cfg.warnings:
+            log.warning("configuration: %s", warning)
         self.storage.lock()                 # shared: fsck --repair waits until no node runs here
         try:
             self.storage.prepare()

@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 import dicom_nncodec
+from dicom_nncodec.dataset import encoded_frames, values
+from scp import rules as R
 from scp import status
+from scp.compressor import AboveCeiling, compress_verified, frame_ratios
 from scp.index import COMPRESSED, FAILED, KEPT, Index, Instance
 from scp.node import Node
 from scp.testing import node_config, running_node, send
+from .imaging import make_dataset, smooth_image
 
 LOSSLESS = str(dicom_nncodec.NNCodecLossless)
 LOSSY = str(dicom_nncodec.NNCodecLossy)
@@ -168,3 +173,98 @@ def test_a_result_for_a_copy_replaced_meanwhile_is_discarded(tmp_path):
         assert node.index.stats()["queue"] == {"queued": 1}     # the new copy waits for its own turn
         files = list((tmp_path / "s" / "objects").rglob("*.dcm"))
         assert len(files) == 1
+
+
+# --- ratio rules (lossy, held to the lossy ceilings) -----------------------------------------------------
+
+RATIO_RULES = [{"name": "body CT 7:1", "match": {"modality": "CT", "body_part": ["CHEST", "ABDOMEN"]},
+                "action": {"ratio": 7}},
+               {"name": "the rest lossless", "action": "lossless"}]
+
+
+def test_a_ratio_rule_stores_a_lossy_derivative_at_that_ratio(tmp_path):
+    ct = read("CT_small.dcm")
+    ct.BodyPartExamined = "CHEST"
+    with running_node(tmp_path / "s", compression={"rules": RATIO_RULES}) as node:
+        assert send(node.port, [ct]) == [0]
+        assert node.compressor.wait_idle(300)
+        row = rows(node)[ct.SOPInstanceUID]
+        assert (row.state, row.transfer_syntax) == (COMPRESSED, LOSSY), row.state_reason
+        assert row.sop_uid != ct.SOPInstanceUID and row.original_sop_uid == ct.SOPInstanceUID
+        assert "reached" in row.state_reason and "'body CT 7:1' asks 7:1" in row.state_reason
+        lossy = stored(node, row)
+        assert lossy.SOPInstanceUID == lossy.file_meta.MediaStorageSOPInstanceUID == row.sop_uid
+        assert lossy.StudyInstanceUID == ct.StudyInstanceUID and lossy.SeriesInstanceUID == ct.SeriesInstanceUID
+        assert lossy.LossyImageCompression == "01" and lossy.ImageType[0] == "DERIVED"
+        assert values(lossy, "LossyImageCompressionMethod")[-1] == "NNCODEC_RNN_1"
+        assert [(s.ReferencedSOPClassUID, s.ReferencedSOPInstanceUID) for s in lossy.SourceImageSequence] == \
+            [(ct.SOPClassUID, ct.SOPInstanceUID)]
+        # the ratio reached, counted from the stored frame against the uncompressed size at Bits Allocated
+        (frame,) = encoded_frames(lossy)
+        reached = ct.Rows * ct.Columns * ct.BitsAllocated // 8 / len(frame)
+        assert abs(reached - 7) <= 0.7, reached
+        assert float(values(lossy, "LossyImageCompressionRatio")[-1]) == pytest.approx(reached, abs=0.01)
+        assert f"ratio {reached:.2f}:1" in row.state_reason
+        # it decodes (each frame's CRC checked) through pydicom and through the codec's own path
+        assert lossy.pixel_array.shape == ct.pixel_array.shape
+        decoded = dicom_nncodec.decompress(stored(node, row)).pixel_array.astype(np.float64)
+        assert np.array_equal(decoded, lossy.pixel_array)
+        assert np.corrcoef(decoded.ravel(), ct.pixel_array.astype(np.float64).ravel())[0, 1] > 0.9
+        # storage commitment for the original UID is refused: the original is not kept
+        assert node.commitments.evaluate(ct.SOPClassUID, ct.SOPInstanceUID) == 0x0110
+
+
+def test_a_ratio_the_codec_cannot_reach_keeps_the_instance_as_received(tmp_path):
+    ds = make_dataset(smooth_image(8, 8, 12)[None], 16, 12)      # 128 bytes: 7:1 leaves no room for a header
+    ds.Modality, ds.BodyPartExamined = "CT", "CHEST"
+    with running_node(tmp_path / "s", compression={"rules": RATIO_RULES}) as node:
+        assert send(node.port, [ds]) == [0]
+        assert node.compressor.wait_idle(120)
+        row = rows(node)[ds.SOPInstanceUID]
+        assert (row.state, row.sop_uid) == (KEPT, ds.SOPInstanceUID)
+        assert "not supported by the codec at 7:1" in row.state_reason
+        assert row.transfer_syntax == row.received_transfer_syntax
+        assert stored(node, row).PixelData == ds.PixelData
+        assert node.index.stats()["failures"] == 0
+
+
+def test_a_frame_above_the_ceiling_is_refused_by_the_verification():
+    ct = read("CT_small.dcm")
+    # a ceiling below what any result within 10 % of 7:1 reaches
+    decision = R.Decision(R.RATIO, 0, "r", ratio=7, ceiling=6.2)
+    with pytest.raises(AboveCeiling, match="above the 6.2:1 ceiling"):
+        compress_verified(ct, decision, "cpu", 8)
+    ok = compress_verified(read("CT_small.dcm"), R.Decision(R.RATIO, 0, "r", ratio=7, ceiling=7.8), "cpu", 8)
+    assert all(6.3 <= r <= 7.7 for r in frame_ratios(ok))
+
+
+def test_a_head_ct_under_a_body_ct_ratio_rule_is_compressed_losslessly(tmp_path):
+    """The index holds Body Part Examined per series (the last instance's); the compressor checks
+    the ceiling again with the stored file's own value."""
+    head, chest = read("CT_small.dcm"), read("CT_small.dcm")
+    chest.SeriesInstanceUID, chest.StudyInstanceUID = head.SeriesInstanceUID, head.StudyInstanceUID
+    head.BodyPartExamined, chest.BodyPartExamined = "HEAD", "CHEST"
+    with running_node(tmp_path / "s", compression={"rules": RATIO_RULES, "workers": 0}) as node:
+        assert send(node.port, [head, chest]) == [0, 0]
+        job = node.index.claim()
+        assert (job.sop_uid, job.body_part) == (head.SOPInstanceUID, "CHEST")
+        assert node.compressor.process(job)
+        row = rows(node)[head.SOPInstanceUID]
+        assert (row.state, row.transfer_syntax, row.sop_uid) == (COMPRESSED, LOSSLESS, head.SOPInstanceUID)
+        assert "compressed losslessly instead" in row.state_reason
+        assert "'body CT 7:1' asks 7:1, above the 5:1 ceiling for CT, body part HEAD" in row.state_reason
+        assert np.array_equal(stored(node, row).pixel_array, head.pixel_array)
+
+
+def test_a_ratio_rule_without_modality_compresses_modalities_without_a_ceiling_losslessly(tmp_path, caplog):
+    ds = make_dataset(smooth_image(32, 32, 12)[None], 16, 12)     # Modality OT: no lossy ceiling
+    caplog.set_level("INFO", logger="scp.compressor")
+    with running_node(tmp_path / "s", compression={"rules": [{"name": "all 4:1", "action": {"ratio": 4}}]}) as node:
+        assert send(node.port, [ds]) == [0]
+        assert node.compressor.wait_idle(60)
+        row = rows(node)[ds.SOPInstanceUID]
+        assert (row.state, row.transfer_syntax, row.sop_uid) == (COMPRESSED, LOSSLESS, ds.SOPInstanceUID)
+        assert "modality OT has no lossy ceiling" in row.state_reason
+        assert np.array_equal(stored(node, row).pixel_array, ds.pixel_array)
+    assert any(r.levelname == "WARNING" and ds.SOPInstanceUID in r.getMessage() and "losslessly instead" in
+               r.getMessage() for r in caplog.records)
