@@ -57,13 +57,17 @@ def ratio_text(r: float) -> str:
 
 
 def for_instance(ceilings: Ceilings, modality: str, body_part: str) -> Limit:
-    """The ceiling for an instance with this Modality and Body Part Examined."""
+    """The ceiling for an instance with this Modality and Body Part Examined.  Without Body Part
+    Examined the instance may be any body part, so the strictest of its modality applies (a CT
+    without it may be a head CT)."""
     modality, body_part = modality.strip().upper(), body_part.strip().upper()
     entry = ceilings.by_modality.get(modality)
     if entry is None:
         return Limit(None, f"modality {modality or '(none)'}")
     if body_part in entry.body_parts:
         return Limit(entry.body_parts[body_part], f"{modality}, body part {body_part}")
+    if not body_part and entry.body_parts and min(entry.body_parts.values()) < entry.ratio:
+        return Limit(min(entry.body_parts.values()), f"{modality} without Body Part Examined")
     return Limit(entry.ratio, modality)
 
 

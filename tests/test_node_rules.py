@@ -27,7 +27,7 @@ def rule(action="ratio", ratio=0.0, allow=False, name="r", **match):
     ("ct", " brain ", (5, "CT, body part BRAIN")),
     ("CT", "SKULL", (5, "CT, body part SKULL")),
     ("CT", "CHEST", (8, "CT")),
-    ("CT", "", (8, "CT")),
+    ("CT", "", (5, "CT without Body Part Examined")),
     ("CR", "CHEST", (10, "CR")),
     ("DX", "HAND", (10, "DX")),
     ("MG", "BREAST", (15, "MG")),
