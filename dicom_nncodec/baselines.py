@@ -101,14 +101,17 @@ class Baseline:
 
 # --------------------------------------------------------------------------- JPEG-LS (CharLS)
 
-def _jls_encode(frame, bits, signed, threads):
+def _jls_encode(frame, bits, signed, threads, near=0):
+    """``near`` > 0: near-lossless, every sample within ``near`` (pyjpegls only)."""
     if bits < 2:
         raise BaselineUnsupported("JPEG-LS needs at least 2 bits per sample")
     x = np.ascontiguousarray(_unsigned(frame, bits, signed))
     spp = 1 if x.ndim == 2 else x.shape[2]
     if _jls is not None:
-        return _jls.encode_buffer(x.tobytes(), x.shape[0], x.shape[1], spp, bits,
+        return _jls.encode_buffer(x.tobytes(), x.shape[0], x.shape[1], spp, bits, lossy_error=near,
                                   interleave_mode=2 if spp > 1 else None)
+    if near:  # pragma: no cover
+        raise BaselineUnsupported("JPEG-LS near-lossless needs pyjpegls")
     return _ic.jpegls_encode(x)  # pragma: no cover - P = 16 fallback
 
 

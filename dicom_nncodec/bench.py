@@ -164,6 +164,43 @@ def find_files(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[str
     return out, missing
 
 
+class Skipped(Exception):
+    """A file the benchmark does not code; the message is the reason listed under "skipped"."""
+
+
+def read_image(path: Path, max_frames: int | None):
+    """(dataset, pixel format, frame indices, frames, frames in the object) of a DICOM image that the
+    benchmarks can code: at most ``max_frames`` evenly spaced frames.  Raises ``Skipped`` with the reason
+    for anything else (not DICOM, no pixels, lossy-derived, unsupported or undecodable pixel data)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from .dataset import frames_of, is_image, number_of_frames
+    from .errors import UnsupportedPixelData
+    from .pixels import PixelFormat
+
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        raise Skipped("not a DICOM Part 10 file") from None
+    except Exception as exc:
+        raise Skipped(f"unreadable ({type(exc).__name__})") from None
+    if not is_image(ds):
+        raise Skipped("not an image (no Pixel Data)")
+    if str(ds.get("LossyImageCompression", "")).strip() == "01":
+        raise Skipped("lossy-derived image (Lossy Image Compression 01)")
+    try:
+        fmt = PixelFormat.from_dataset(ds).validate()
+        n_total = number_of_frames(ds)
+        all_frames = frames_of(ds)
+    except UnsupportedPixelData as exc:
+        raise Skipped(f"unsupported: {exc}") from None
+    except Exception as exc:
+        raise Skipped(f"pixel data cannot be decoded ({type(exc).__name__})") from None
+    idx = select_frames(len(all_frames), max_frames)
+    return ds, fmt, idx, [all_frames[k] for k in idx], n_total
+
+
 def folder_groups(files: Sequence[Path]) -> dict[Path, str]:
     """Group name of each file's folder: its path below the common folder, with at least two parts
     (``ct/wg04``), so that the modality/source layout of the data shows."""
@@ -565,11 +602,9 @@ def run(paths: Sequence[str | os.PathLike], groups_by: str = "folder", plot: str
     always runs.  ``files=False`` skips the file-level sizes (they cost one more encode per image)."""
     import pydicom
     import torch
-    from pydicom.errors import InvalidDicomError
 
     from . import baselines as bl
     from .codec import encode_frames, resolve_device
-    from .dataset import frames_of, is_image, number_of_frames
     from .errors import UnsupportedPixelData
     from .pixels import PixelFormat
     from .zoo import default_model, load_model
@@ -609,32 +644,10 @@ def run(paths: Sequence[str | os.PathLike], groups_by: str = "folder", plot: str
 
     for i, path in enumerate(all_files, 1):
         try:
-            ds = pydicom.dcmread(path)
-        except InvalidDicomError:
-            skip("not a DICOM Part 10 file", path)
+            ds, fmt, idx, frames, n_total = read_image(path, max_frames)
+        except Skipped as exc:
+            skip(str(exc), path)
             continue
-        except Exception as exc:
-            skip(f"unreadable ({type(exc).__name__})", path)
-            continue
-        if not is_image(ds):
-            skip("not an image (no Pixel Data)", path)
-            continue
-        if str(ds.get("LossyImageCompression", "")).strip() == "01":
-            skip("lossy-derived image (Lossy Image Compression 01)", path)
-            continue
-        try:
-            fmt = PixelFormat.from_dataset(ds).validate()
-            n_total = number_of_frames(ds)
-            all_frames = frames_of(ds)
-        except UnsupportedPixelData as exc:
-            skip(f"unsupported: {exc}", path)
-            continue
-        except Exception as exc:
-            skip(f"pixel data cannot be decoded ({type(exc).__name__})", path)
-            continue
-        idx = select_frames(len(all_frames), max_frames)
-        frames = [all_frames[k] for k in idx]
-        del all_frames
         refs = [normalise(f, fmt) for f in frames]
         if any(not _same(f, r) for f, r in zip(frames, refs)):
             masked += 1
@@ -718,10 +731,15 @@ def run(paths: Sequence[str | os.PathLike], groups_by: str = "folder", plot: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--lossy" in argv or "--near-lossless" in argv:
+        from . import bench_lossy
+        return bench_lossy.main(argv)
     p = argparse.ArgumentParser(
         prog="dicom-nncodec bench",
         description="Size and speed of this codec beside JPEG-LS, JPEG 2000, HTJ2K and JPEG-XL (efforts 3, 7), "
-                    "on the same frames in one run; every lossless result verified bit-exact.")
+                    "on the same frames in one run; every lossless result verified bit-exact.",
+        epilog="Lossy and near-lossless: dicom-nncodec bench --lossy / --near-lossless (see bench --lossy --help).")
     p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders (searched recursively)")
     p.add_argument("--plot", metavar="FILE.png", help="write size against decode speed to this PNG")
     p.add_argument("--json", metavar="FILE", help="write every measurement to this JSON file")
