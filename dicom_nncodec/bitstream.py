@@ -75,8 +75,12 @@ def pack(h: FrameHeader, payloads: list[bytes]) -> bytes:
 
 
 def header_size(model_id: str, planes: int) -> int:
-    """Bytes a frame takes besides its payloads (header, payload lengths, CRC; pad byte excluded)."""
-    return _FIXED.size + len(model_id.encode("ascii")) + 32 + _GEOMETRY.size + 4 * planes + 4
+    """Bytes a frame takes besides its payloads: header, payload lengths, frame CRC and the pad byte.
+
+    Payload lengths are multiples of 4, so the pad byte depends only on the model id: it is present
+    exactly when the id has an even length."""
+    n = len(model_id.encode("ascii"))
+    return _FIXED.size + n + 32 + _GEOMETRY.size + 4 * planes + 4 + (n % 2 == 0)
 
 
 def unpack(data: bytes) -> tuple[FrameHeader, list[bytes]]:

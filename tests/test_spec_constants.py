@@ -4,7 +4,11 @@ The annex carries two machine-readable YAML blocks: ``constants`` (section 10) a
 ``worked_example`` (section 9).  Every value there is compared with the code here,
 and the range coder / table quantisation the annex restates from constriction is
 checked against the installed constriction, so the specification cannot drift
-silently from the implementation (or from a constriction upgrade)."""
+silently from the implementation (or from a constriction upgrade).  For the lossy
+mode (section 11) a decoder written from the annex alone (numpy and Python integers)
+decodes the reference encoder's frames to the reference decoder's pixels.
+
+The lossy weights file is read at test time: its digest and values are never written here."""
 from __future__ import annotations
 
 import hashlib
@@ -20,11 +24,13 @@ import torch
 import yaml
 
 from dicom_nncodec import bitstream as B
-from dicom_nncodec import codec, entropy, syntax, zoo
-from dicom_nncodec.errors import BitstreamError
+from dicom_nncodec import codec, entropy, lossy, syntax, zoo
+from dicom_nncodec import dataset as D
+from dicom_nncodec.errors import BitstreamError, UnsupportedPixelData
 from dicom_nncodec.models import context_model as CM
 from dicom_nncodec.models import pyramid as P
 from dicom_nncodec.models import quant as Q
+from dicom_nncodec.models import rnnconv as R
 from dicom_nncodec.pixels import COLOUR_DIRECT, COLOUR_RCT, GRAYSCALE, TRANSFORM_NONE, TRANSFORM_RCT, PixelFormat
 
 SPEC = Path(__file__).resolve().parents[1] / "conformance" / "PRIVATE_TRANSFER_SYNTAX.md"
@@ -54,6 +60,7 @@ def test_uids_and_identification():
     assert C["implementation_class_uid"] == str(syntax.IMPLEMENTATION_CLASS_UID)
     assert C["implementation_version_name"] == syntax.IMPLEMENTATION_VERSION_NAME
     assert C["lossy_image_compression_method"] == syntax.LOSSY_METHOD
+    assert C["rnn_conv_lossy_image_compression_method"] == syntax.RNN_CONV_METHOD
     assert C["max_near_lossless_error"] == codec.MAX_NEAR_LOSSLESS_ERROR
 
 
@@ -81,8 +88,9 @@ def test_frame_struct_sizes():
     f = C["frame"]
     assert B.MAGIC == f["magic"].encode("ascii") and len(B.MAGIC) == 4
     assert B.VERSION == f["version"]
-    assert {B.MODE_LOSSLESS: "lossless", B.MODE_NEAR_LOSSLESS: "near_lossless"} == \
+    assert {B.MODE_LOSSLESS: "lossless", B.MODE_NEAR_LOSSLESS: "near_lossless", B.MODE_LOSSY: "lossy"} == \
         {v: k for k, v in f["modes"].items()}
+    assert B.MODE_NAMES == f["mode_names"]
     assert (TRANSFORM_NONE, TRANSFORM_RCT) == (f["colour_transforms"]["none"], f["colour_transforms"]["rct"])
     assert B._FIXED.size == sum(_sizes(f["fixed_fields"])) == 9
     assert B._GEOMETRY.size == sum(_sizes(f["geometry_fields"])) == 14
@@ -140,22 +148,36 @@ def test_payload_lengths_must_be_multiples_of_four():
 
 # ---- section 4: weights file ------------------------------------------------------------------------
 
+def _weights_header(data: bytes) -> dict:
+    (n,) = struct.unpack_from("<I", data, len(zoo.MAGIC))
+    return json.loads(data[len(zoo.MAGIC) + 4:len(zoo.MAGIC) + 4 + n])
+
+
 def test_weights_file_as_specified():
     w = C["weights"]
     assert zoo.MAGIC == w["magic"].encode("ascii")
     assert zoo.DEFAULT_LOSSLESS_MODEL == w["default_model_id"]
+    assert zoo.DEFAULT_LOSSY_MODEL == w["default_lossy_model_id"] and w["default_lossy_model_id"] in w["models"]
     for model_id, spec in w["models"].items():
         data = zoo.available_models()[model_id].read_bytes()
-        assert len(data) == spec["size"]
-        assert hashlib.sha256(data).hexdigest() == spec["sha256"]
-        (n,) = struct.unpack_from("<I", data, len(zoo.MAGIC))
-        header = json.loads(data[len(zoo.MAGIC) + 4:len(zoo.MAGIC) + 4 + n])
+        # size and digest are stated for the lossless models; the lossy one is checked against its own file
+        sha256 = spec.get("sha256", hashlib.sha256(data).hexdigest())
+        assert len(data) == spec.get("size", len(data))
+        assert hashlib.sha256(data).hexdigest() == sha256
+        header = _weights_header(data)
         assert header["model_id"] == model_id
         assert header["config"] == spec["config"]
         assert [a["name"] for a in header["arrays"]] == sorted(a["name"] for a in header["arrays"])
         assert {a["name"]: [a["dtype"], a["shape"]] for a in header["arrays"]} == spec["arrays"]
         model = zoo.load_model(model_id)
-        assert model.digest.hex() == spec["sha256"] and model.model_id == model_id
+        assert model.digest.hex() == sha256 and model.model_id == model_id
+        if spec["config"].get("kind") == C["lossy"]["kind"]:
+            # section 11.8: integer decoder and bit probabilities, float32 encoder
+            assert model.lossy
+            for name, (dtype, _) in spec["arrays"].items():
+                assert dtype == ("<f4" if name.startswith("encoder.") else "<i4"), name
+            continue
+        assert not model.lossy
         assert model.net.use_lstm == spec["config"]["use_lstm"]
         # section 4.2: the lstm.* arrays exist exactly when use_lstm is true
         assert any(name.startswith("lstm.") for name in spec["arrays"]) == spec["config"]["use_lstm"]
@@ -484,3 +506,339 @@ def test_worked_example_with_other_models(model_id):
     assert int.from_bytes(data[h.size - 4:h.size], "little") == spec["frame_crc"]
     assert len(data) == h.size + (len(model_id) % 2 == 0)                  # pad byte exactly when n is even
     assert np.array_equal(codec.decode_frame(data, fmt, device="cpu"), img)
+
+
+# ---- section 4.2 / 11.8: LUTs ------------------------------------------------------------------------
+
+def _lut(name: str) -> np.ndarray:
+    spec = C["luts"][name]
+    i = np.arange(spec["size"], dtype=np.float64)
+    env = {"i": i, "floor": np.floor, "tanh": np.tanh, "sigmoid": lambda v: 1.0 / (1.0 + np.exp(-v))}
+    return eval(spec["formula"], {}, env).astype(np.int64)          # noqa: S307 (our own file)
+
+
+def test_lut_formulas():
+    """Every LUT of every shipped weights file, and the cell's own tables, follow the formulas stated."""
+    cell = Q.QConvLSTM(2, 2)
+    seen = 0
+    for name in C["luts"]:
+        want = _lut(name)
+        assert np.array_equal(getattr(cell, name).numpy(), want), name
+        for model_id in C["weights"]["models"]:
+            _, arrays = _spec_read_weights(zoo.available_models()[model_id].read_bytes())
+            for key, arr in arrays.items():
+                if key.endswith("." + name):
+                    assert np.array_equal(arr.astype(np.int64), want), key
+                    seen += 1
+    assert seen == 3 * (1 + 4)        # nnc-lossless-1 has one cell, nnc-lossy-1 four
+
+
+# ---- section 11: lossy mode --------------------------------------------------------------------------
+
+LY = C["lossy"]
+
+
+def test_lossy_constants():
+    assert B.MODE_LOSSY == LY["mode"] == C["frame"]["modes"]["lossy"]
+    assert (R.BLOCK, R.BITS_PER_BLOCK, R.ITERATIONS) == (LY["block"], LY["bits_per_block"], LY["iterations"])
+    assert list(R.GAIN_SHIFT) == LY["gain_shift"] and len(R.GAIN_SHIFT) == R.ITERATIONS
+    assert (R.RECON_FRAC, R.OUT_FRAC, R.OUT_CLAMP) == (LY["recon_frac"], LY["out_frac"], LY["out_clamp"])
+    assert zoo.RNN_CONV_KIND == LY["kind"]
+    cfg = C["weights"]["models"][zoo.DEFAULT_LOSSY_MODEL]["config"]
+    assert zoo._rnnconv_config(cfg["width"]) == cfg and sorted(cfg) == LY["config_keys"]
+    assert [struct.calcsize("<" + c) for c in lossy.PRELUDE.format.lstrip("<")] == [n for _, n in LY["prelude"]]
+    assert lossy.PRELUDE.size == 8
+    assert LY["contexts"] == R.ITERATIONS * R.BITS_PER_BLOCK * 3
+    assert entropy.BIT_PROB_BITS == LY["bit_prob_bits"]
+    assert (entropy.BIT_PROB_MIN, entropy.BIT_PROB_MAX) == (LY["bit_prob_min"], LY["bit_prob_max"])
+    probs = zoo.load_model(zoo.DEFAULT_LOSSY_MODEL).tables.probs
+    assert probs.shape == (LY["contexts"],) and probs.min() >= LY["bit_prob_min"] and probs.max() <= LY["bit_prob_max"]
+    rc = LY["rate_control"]
+    assert (codec.MIN_RATIO, codec.MAX_RATIO) == (rc["min_ratio"], rc["max_ratio"])
+    assert entropy.COST_ONE == 1024
+    for size in (1, 15, 16, 17, 33, 65535):
+        assert lossy.padded_shape(size, size)[0] == eval(LY["padded_size"], {}, {"size": size})  # noqa: S307
+
+
+def test_frame_overhead_counts_the_pad_byte():
+    """Section 11.9 step 2: header, payload lengths, frame CRC and the pad byte (present when n is even)."""
+    for model_id in ("nnc-lossy-1", "nnc-lossless-1", "x", "xy"):
+        for planes in (1, 3):
+            n = len(model_id)
+            payloads = [b"\x00" * 8] * planes
+            h = B.FrameHeader(B.MODE_LOSSY, 0, model_id, bytes(32), 1, 1, planes, 8, 8, False, 0, 0, ())
+            assert B.header_size(model_id, planes) == len(B.pack(h, payloads)) - 8 * planes \
+                == 55 + n + 4 * planes + 4 + (n % 2 == 0)
+
+
+def test_mode_2_header_checks():
+    """Section 2.4 checks 3, 8 and 10 for mode 2."""
+    def frame(mode, max_error=0, spp=1, transform=0):
+        h = B.FrameHeader(mode, max_error, "m", bytes(32), 1, 1, spp, 8, 8, False, transform, 0, ())
+        return B.pack(h, [b"\x00" * 8] * spp)
+
+    assert B.read_header(frame(2)).mode == B.MODE_LOSSY
+    with pytest.raises(BitstreamError, match="^unknown coding mode 3$"):
+        B.read_header(frame(3))
+    with pytest.raises(BitstreamError, match="^corrupt frame header: lossy frame with a maximum error$"):
+        B.read_header(frame(2, max_error=1))
+    with pytest.raises(BitstreamError, match="colour transform only applies to lossless 3-sample frames"):
+        B.read_header(frame(2, spp=3, transform=1))
+
+
+def test_lossy_layers_as_specified():
+    """Section 11.5 (layer parameters, cell sizes) and 11.8 (array names, shapes, dtypes) for any width."""
+    for width in (16, 32):
+        env = {"W": width}
+        hidden, cins = (eval(LY[k], {}, env) for k in ("hidden", "cell_inputs"))          # noqa: S307
+        enc_hidden, enc_in = (eval(LY[k], {}, env) for k in ("encoder_hidden", "encoder_inputs"))  # noqa: S307
+        net = R.RNNConvCodec(width)
+        dec = net.decoder
+        layers = {"d_in": dec.d_in, "out": dec.out, **{f"gates{k}": cell.gates for k, cell in enumerate(dec.rnn)}}
+        for key, m in layers.items():
+            s = LY["layers"]["gates" if key.startswith("gates") else key]
+            assert (m.k, m.in_frac, m.out_frac, m.act, m.out_clamp, m.in_max) == \
+                (s["k"], s["in_frac"], s["out_frac"], s["act"], s["out_clamp"], s["in_max"]), key
+        assert [cell.hidden for cell in dec.rnn] == hidden
+        expected = {"decoder.d_in.w_int": [width, 160, 1, 1], "decoder.d_in.b_int": [width],
+                    "decoder.d_in.e_int": [width], "decoder.out.w_int": [1, width // 8, 3, 3],
+                    "decoder.out.b_int": [1], "decoder.out.e_int": [1],
+                    "encoder.front_conv.weight": [width // 2, 1, 3, 3], "encoder.front_conv.bias": [width // 2],
+                    "encoder.front_pool_conv.weight": [width // 2, 1, 1, 1],
+                    "encoder.front_pool_conv.bias": [width // 2],
+                    "encoder.bottleneck.weight": [160, 4 * width, 1, 1], "encoder.bottleneck.bias": [160]}
+        for k, (h, i) in enumerate(zip(hidden, cins)):
+            expected |= {f"decoder.rnn.{k}.gates.w_int": [4 * h, i + h, 3, 3], f"decoder.rnn.{k}.gates.b_int": [4 * h],
+                         f"decoder.rnn.{k}.gates.e_int": [4 * h], f"decoder.rnn.{k}.sig_lut": [255],
+                         f"decoder.rnn.{k}.tanh_z_lut": [255], f"decoder.rnn.{k}.tanh_c_lut": [2047]}
+        for j, (h, i) in enumerate(zip(enc_hidden, enc_in)):
+            expected |= {f"encoder.rnn.{j}.x_conv.weight": [4 * h, i, 3, 3], f"encoder.rnn.{j}.x_conv.bias": [4 * h],
+                         f"encoder.rnn.{j}.h_conv.weight": [4 * h, h, 1, 1]}
+        exported = {k: list(v.shape) for k, v in net.state_dict().items()
+                    if k.startswith("encoder.") or k.endswith(("w_int", "b_int", "e_int", "_lut"))}
+        assert exported == expected, width
+        if width == C["weights"]["models"][zoo.DEFAULT_LOSSY_MODEL]["config"]["width"]:
+            shipped = C["weights"]["models"][zoo.DEFAULT_LOSSY_MODEL]["arrays"]
+            assert {k: v[1] for k, v in shipped.items()} == expected | {"tables.bit_probs": [LY["contexts"]]}
+
+
+def test_lossy_formulas():
+    """depth_to_space, the per-iteration increment, the pixel formula (sections 11.5, 11.6)."""
+    x = torch.arange(4 * 3 * 2 * 5).reshape(1, 12, 2, 5)
+    got = torch.nn.functional.pixel_shuffle(x, 2)[0]
+    lhs, rhs = LY["depth_to_space"].split(" = ")
+    for j in range(3):
+        for y in range(2):
+            for xx in range(5):
+                for a in range(2):
+                    for b in range(2):
+                        env = {"j": j, "y": y, "x": xx, "a": a, "b": b}
+                        out_idx = tuple(eval(lhs.replace("out", ""), {}, env))   # noqa: S307
+                        in_idx = tuple(eval(rhs.replace("in", ""), {}, env))     # noqa: S307
+                        assert got[out_idx] == x[0][in_idx]
+    y = torch.arange(-32767, 32768, 4097, dtype=torch.float32)
+    for t in range(R.ITERATIONS):
+        want = eval(LY["recon_increment"], {}, {"y": y.long(), "recon_frac": R.RECON_FRAC,  # noqa: S307
+                                                  "out_frac": R.OUT_FRAC, "gain_shift": R.GAIN_SHIFT, "t": t})
+        assert torch.equal(R.recon_increment(y, t).long(), want)
+    rng = np.random.default_rng(2)
+    recon = torch.as_tensor(rng.integers(-(1 << 21), 1 << 21, (4, 7, 9)))
+    recon[:, 0, :3] = torch.tensor([-(1 << 15) - 1, -(1 << 15), (1 << 15) - 1])
+    lo = torch.tensor([0, 0, 1000, 7])
+    span = torch.tensor([65536, 1, 3000, 256])
+    got = R.pixels_of(recon, lo, span)
+    for n in range(4):
+        for v_recon, v in zip(recon[n].flatten().tolist(), got[n].flatten().tolist()):
+            env = {"lo": int(lo[n]), "span": int(span[n]), "recon": v_recon, "min": min, "max": max}
+            assert v == eval(LY["pixel"], {}, env)                        # noqa: S307
+
+
+def test_lossy_context_and_order():
+    """Section 11.3: BitTables.contexts is the stated formula, and _groups orders by (context, index)."""
+    rng = np.random.default_rng(4)
+    nbits, positions = R.BITS_PER_BLOCK, 6
+    for t, depth in ((0, 160), (0, 37), (3, 160), (7, 5)):
+        prev = None if t == 0 else rng.choice([-1, 1], (nbits, 2, 3))
+        ctx = entropy.BitTables.contexts(t, prev, depth, nbits, positions)
+        want = []
+        for c in range(depth):
+            for q in range(positions):
+                s = 0 if t == 0 else (1 if prev[c].reshape(-1)[q] < 0 else 2)
+                want.append(eval(LY["context"], {}, {"bits_per_block": nbits, "t": t, "c": c, "s": s}))  # noqa: S307
+        assert ctx.tolist() == want
+        order = [int(i) for _, idx in entropy._groups(ctx) for i in idx]
+        assert order == sorted(range(len(want)), key=lambda i: (want[i], i))
+
+
+def _spec_cdf1(p: int) -> int:
+    return eval(LY["binary_cdf1"], {}, {"p": p})                          # noqa: S307
+
+
+def test_binary_model_quantisation():
+    """Section 11.4: the integer c1 equals the quantisation of section 5.3 for every allowed p."""
+    for p in range(LY["bit_prob_min"], LY["bit_prob_max"] + 1):
+        assert _spec_cdf([(1 << 16) - p, p]) == [0, _spec_cdf1(p), 1 << 24], p
+
+
+def test_lossy_payload_checks():
+    """Section 11.2: the prelude checks and their messages."""
+    m = zoo.load_model(zoo.DEFAULT_LOSSY_MODEL)
+    dec = lossy.LossyPlanes(m, torch.device("cpu"))
+    good = lossy.PRELUDE.pack(10, 20, 1, 1, 0) + b"\x00" * 4
+    assert dec.decode([good], 5, 5).shape == (1, 5, 5)
+    with pytest.raises(BitstreamError, match="^truncated lossy payload$"):
+        dec.decode([good[:7]], 5, 5)
+    for lo, hi, k, d, reserved in ((10, 9, 1, 1, 0), (0, 0, 0, 1, 0), (0, 0, LY["iterations"] + 1, 1, 0),
+                                   (0, 0, 1, 0, 0), (0, 0, 1, LY["bits_per_block"] + 1, 0), (0, 0, 1, 1, 1)):
+        with pytest.raises(BitstreamError, match="^corrupt lossy payload header$"):
+            dec.decode([good, lossy.PRELUDE.pack(lo, hi, k, d, reserved) + b"\x00" * 4], 5, 5)
+
+
+# ---- a mode-2 decoder written from section 11 alone (numpy and Python integers) --------------------
+
+def _spec_read_weights(data: bytes):
+    """Section 4.1: header and arrays of a weights file."""
+    header = _weights_header(data)
+    base = len(zoo.MAGIC) + 4 + struct.unpack_from("<I", data, len(zoo.MAGIC))[0]
+    arrays = {}
+    for a in header["arrays"]:
+        count = int(np.prod(a["shape"])) if a["shape"] else 1
+        arrays[a["name"]] = np.frombuffer(data, np.dtype(a["dtype"]), count, base + a["offset"]).reshape(a["shape"])
+    return header, arrays
+
+
+def _spec_qconv(x, arrays, name, layer):
+    """Section 5.6 on int64 arrays (channels, h, w)."""
+    s = LY["layers"][layer]
+    w, b, e = (arrays[f"{name}.{p}_int"].astype(np.int64) for p in "wbe")
+    cout, cin, k, _ = w.shape
+    pad = k // 2
+    _, h, wd = x.shape
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))
+    cols = np.stack([xp[:, dy:dy + h, dx:dx + wd] for dy in range(k) for dx in range(k)], 1).reshape(cin * k * k, -1)
+    acc = (w.reshape(cout, -1) @ cols).reshape(cout, h, wd) + b[:, None, None]
+    sh = (s["out_frac"] - s["in_frac"] - e)[:, None, None]
+    y = np.where(sh >= 0, acc << np.maximum(sh, 0), acc >> np.maximum(-sh, 0))
+    if s["act"] == "leaky":
+        y = np.maximum(y, y >> 3)
+    return np.clip(y, -s["out_clamp"], s["out_clamp"])
+
+
+def _spec_depth_to_space(x):
+    out = np.empty((x.shape[0] // 4, 2 * x.shape[1], 2 * x.shape[2]), dtype=x.dtype)
+    for a in range(2):
+        for b in range(2):
+            out[:, a::2, b::2] = x[2 * a + b::4]
+    return out
+
+
+def _spec_cell(arrays, k, x, h, c):
+    hid = h.shape[0]
+    z = _spec_qconv(np.concatenate([x, h]), arrays, f"decoder.rnn.{k}.gates", "gates") + 127
+    sig, tanh_z, tanh_c = (arrays[f"decoder.rnn.{k}.{n}"].astype(np.int64) for n in ("sig_lut", "tanh_z_lut",
+                                                                                     "tanh_c_lut"))
+    i, f, o, g = sig[z[:hid]], sig[z[hid:2 * hid]], sig[z[2 * hid:3 * hid]], tanh_z[z[3 * hid:]]
+    c = np.clip((f * c + i * g) >> 7, -1023, 1023)
+    return (o * tanh_c[c + 1023]) >> 7, c
+
+
+def _spec_decode_lossy_plane(payload: bytes, rows: int, cols: int, config: dict, arrays: dict) -> np.ndarray:
+    """Sections 11.2 to 11.6."""
+    nbits, gain = config["bits_per_block"], config["gain_shift"]
+    lo, hi, k_iter, depth_last, reserved = struct.unpack_from("<HHBBH", payload)
+    assert reserved == 0 and 1 <= k_iter <= config["iterations"] and 1 <= depth_last <= nbits and lo <= hi
+    span = hi - lo + 1
+    hb, wb = -(-rows // 16), -(-cols // 16)
+    nb = hb * wb
+    width = config["width"]
+    hidden = [4 * width, 2 * width, width, width // 2]
+    state = [(np.zeros((h, hb << k, wb << k), np.int64),) * 2 for k, h in enumerate(hidden)]
+    recon = np.zeros((16 * hb, 16 * wb), np.int64)
+    probs = arrays["tables.bit_probs"].astype(np.int64)
+    dec = _SpecRangeDecoder(payload[8:])
+    prev = None
+    for t in range(k_iter):
+        depth = nbits if t < k_iter - 1 else depth_last
+        bits = np.zeros(nbits * nb, np.int64)
+        ctx = [3 * (nbits * t + i // nb) + (0 if t == 0 else (1 if prev[i] < 0 else 2)) for i in range(depth * nb)]
+        for i in sorted(range(depth * nb), key=lambda i: (ctx[i], i)):
+            p = int(probs[ctx[i]])
+            bits[i] = 1 if dec.decode([0, (65536 - p) * ((1 << 24) - 2) // (1 << 16) + 1, 1 << 24]) else -1
+        prev = bits
+        x = _spec_qconv(bits.reshape(nbits, hb, wb), arrays, "decoder.d_in", "d_in")
+        new = []
+        for k in range(4):
+            h, c = _spec_cell(arrays, k, x, *state[k])
+            new.append((h, c))
+            x = _spec_depth_to_space(h)
+        state = new
+        y = _spec_qconv(x, arrays, "decoder.out", "out")[0]
+        recon = recon + y * (1 << (16 - 12 - gain[t]))
+    v = (np.maximum(recon + (1 << 15), 0) * span) >> 16
+    return (lo + np.minimum(v, span - 1))[:rows, :cols]
+
+
+def _spec_lossy_weights():
+    header, arrays = _spec_read_weights(zoo.available_models()[zoo.DEFAULT_LOSSY_MODEL].read_bytes())
+    return header["config"], arrays
+
+
+def test_spec_decoder_decodes_reference_frames():
+    """Frames of the reference encoder (grey, signed, RGB; sizes not multiples of 16) decode with the
+    annex's decoder to the reference decoder's pixels, whose CRC-32 is pixel_crc; each frame meets its
+    ratio (section 11.9) and carries the attributes' method value."""
+    config, arrays = _spec_lossy_weights()
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:40, 0:53]
+    smooth = 1000 + 300 * np.sin(xx / 7) + 200 * np.cos(yy / 5)
+    cases = [
+        (PixelFormat(37, 53, 1, 16, 12, False, "MONOCHROME2"), (smooth[:37] + rng.normal(0, 5, (37, 53))), (4, 12)),
+        (PixelFormat(21, 35, 1, 16, 16, True, "MONOCHROME2"), (smooth[:21, :35] - 1500) * 9, (6,)),
+        (PixelFormat(24, 40, 3, 8, 8, False, "RGB"),
+         np.stack([smooth[:24, :40] / 8 - 50, smooth[:24, :40] / 10, 255 - smooth[:24, :40] / 9], -1), (5,)),
+    ]
+    decoded = 0
+    for fmt, img, ratios in cases:
+        img = np.asarray(np.round(img)).astype(fmt.dtype)
+        for ratio in ratios:
+            try:
+                data = codec.encode_frame(img, fmt, ratio=ratio, device="cpu")
+            except UnsupportedPixelData:
+                continue
+            raw = fmt.rows * fmt.columns * fmt.samples_per_pixel * fmt.bits_allocated // 8
+            h, payloads = B.unpack(data)
+            full = any(lossy.PRELUDE.unpack_from(p)[2:4] == (R.ITERATIONS, R.BITS_PER_BLOCK) for p in payloads)
+            assert len(data) <= raw // ratio or full          # section 11.9; the exception: section 8.3 item 8
+            assert (h.mode, h.max_error, h.transform) == (LY["mode"], 0, 0)
+            assert D.lossy_method([data]) == C["rnn_conv_lossy_image_compression_method"]
+            planes = [_spec_decode_lossy_plane(p, fmt.rows, fmt.columns, config, arrays) for p in payloads]
+            b = fmt.bits_stored
+            if fmt.samples_per_pixel == 1:                                # section 3.4, colour_transform 0
+                frame = planes[0] - (1 << (b - 1)) if fmt.signed else planes[0]
+            else:
+                frame = np.stack(planes, -1)
+            frame = frame.astype(fmt.dtype)
+            assert zlib.crc32(frame.tobytes()) == h.pixel_crc
+            assert np.array_equal(frame, codec.decode_frame(data, fmt, device="cpu"))
+            decoded += 1
+    assert decoded >= 3
+
+
+def test_spec_decoder_on_every_iteration():
+    """Payloads with all eight iterations and a partial last one, every context used, and planes of
+    different K decoded together by the reference: the annex's decoder gives the same pixels."""
+    config, arrays = _spec_lossy_weights()
+    model = zoo.load_model(zoo.DEFAULT_LOSSY_MODEL)
+    rng = np.random.default_rng(1)
+    rows, cols = 33, 20
+    hb, wb = -(-rows // 16), -(-cols // 16)
+    plans = [lossy.PlanePlan(100, 4000, 8, 37), lossy.PlanePlan(0, 255, 3, 160), lossy.PlanePlan(7, 7, 1, 1),
+             lossy.PlanePlan(0, 65535, 2, 159)]
+    payloads = []
+    for plan in plans:
+        codes = [(rng.random((R.BITS_PER_BLOCK, hb, wb)) < rng.random((R.BITS_PER_BLOCK, 1, 1))).astype(np.int64)
+                 for _ in range(plan.iterations)]
+        payloads.append(lossy._payload(model.tables, plan, codes))
+    ref = lossy.LossyPlanes(model, torch.device("cpu")).decode(payloads, rows, cols)
+    for i, p in enumerate(payloads):
+        assert np.array_equal(_spec_decode_lossy_plane(p, rows, cols, config, arrays), ref[i]), i
