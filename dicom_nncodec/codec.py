@@ -163,6 +163,9 @@ def encode_frames(frames: Iterable[np.ndarray], fmt: PixelFormat, *, max_error: 
     ``ratio``: lossy, each frame at or up to 10 % above this compression ratio (uncompressed
     bytes at Bits Allocated over frame bytes); exclusive with ``max_error``."""
     fmt.validate()
+    if (max_error or ratio is not None) and fmt.photometric == "PALETTE COLOR":
+        raise UnsupportedPixelData("PALETTE COLOR is coded losslessly only: an index off by any amount is "
+                                   "another colour")
     if ratio is not None:
         if max_error:
             raise UnsupportedPixelData("ratio and max_error exclude each other")
@@ -198,6 +201,7 @@ def encode_frames(frames: Iterable[np.ndarray], fmt: PixelFormat, *, max_error: 
 
 MIN_RATIO = 1.5
 MAX_RATIO = 1000.0
+LOSSY_RATIO_TOLERANCE = 1.1      # a lossy frame's ratio is in [ratio, 1.1 * ratio]
 
 
 def _encode_lossy(frames: list[np.ndarray], fmt: PixelFormat, ratio: float, model_id: str | None, device,
@@ -224,13 +228,18 @@ def _encode_lossy(frames: list[np.ndarray], fmt: PixelFormat, ratio: float, mode
         chunk = frames[start:start + batch_size]
         planes = np.concatenate([to_planes(f, fmt, transform) for f in chunk])
         payloads = coder.encode(planes, per_plane * len(chunk))
-        recon = coder.decode(payloads, fmt.rows, fmt.columns)     # what every decoder will produce
+        recon = coder.decode(payloads, fmt.rows, fmt.columns, bits * len(chunk))   # what every decoder produces
         for i, f in enumerate(chunk):
             decoded = from_planes(recon[i * p:(i + 1) * p], fmt, transform)
             header = B.FrameHeader(B.MODE_LOSSY, 0, model.model_id, model.digest, fmt.rows, fmt.columns,
                                    fmt.samples_per_pixel, fmt.bits_allocated, fmt.bits_stored, fmt.signed,
                                    transform, pixel_crc(decoded), ())
-            out.append(B.pack(header, payloads[i * p:(i + 1) * p]))
+            frame = B.pack(header, payloads[i * p:(i + 1) * p])
+            if raw / len(frame) > LOSSY_RATIO_TOLERANCE * ratio:
+                raise UnsupportedPixelData(
+                    f"ratio {ratio:g} is below what the lossy model reaches on this image (its finest coding "
+                    f"gives {raw / len(frame):.2f}); choose a higher ratio, or near-lossless max_error")
+            out.append(frame)
     return out
 
 
@@ -283,7 +292,8 @@ def decode_frames(datas: Iterable[bytes], fmt: PixelFormat | None = None, *, dev
                                      f"{model.model_id!r}")
             try:
                 if model.lossy:
-                    planes = LossyPlanes(model, dev).decode(payloads, h0.rows, h0.columns)
+                    planes = LossyPlanes(model, dev).decode(payloads, h0.rows, h0.columns,
+                                                            list(np.tile(bits, len(chunk))))
                 else:
                     batch = _PlaneBatch(model, dev, np.tile(bits, len(chunk)), (h0.rows, h0.columns), h0.max_error)
                     planes = batch.decode(payloads).cpu().numpy()

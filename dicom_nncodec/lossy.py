@@ -86,23 +86,19 @@ def _length(tables: BitTables, plan: PlanePlan, codes: list[np.ndarray]) -> int:
 
 
 def _fit(tables: BitTables, lo: int, hi: int, codes: list[np.ndarray], budget: int) -> PlanePlan | None:
-    """The largest (iterations, last_depth) whose real payload fits ``budget`` bytes."""
+    """The largest last-iteration depth whose real payload fits ``budget`` bytes (None: not even
+    one bit channel of the last iteration fits).  A binary search on the estimated length, then
+    a few steps down until the real payload fits."""
     k = len(codes)
-    full = PlanePlan(lo, hi, k, R.BITS_PER_BLOCK)
-    if _length(tables, full, codes) <= budget:
-        candidates = [full]
-    else:
-        # binary search on the estimated length over the last iteration's depth, then step down
-        # until the real payload fits
-        a, b = 1, R.BITS_PER_BLOCK
-        while a < b:
-            m = (a + b + 1) // 2
-            if _length(tables, PlanePlan(lo, hi, k, m), codes) <= budget:
-                a = m
-            else:
-                b = m - 1
-        candidates = [PlanePlan(lo, hi, k, d) for d in range(a, 0, -1)]
-    for plan in candidates[:8]:
+    a, b = 0, R.BITS_PER_BLOCK
+    while a < b:
+        m = (a + b + 1) // 2
+        if _length(tables, PlanePlan(lo, hi, k, m), codes) <= budget:
+            a = m
+        else:
+            b = m - 1
+    for d in range(max(a, 1), max(a - 8, 0), -1):
+        plan = PlanePlan(lo, hi, k, d)
         if len(_payload(tables, plan, codes)) <= budget:
             return plan
     return None
@@ -139,22 +135,13 @@ class LossyPlanes:
                                codes[i]) > budgets[i]:
                         plans[i] = self._fit_or_refuse(i, lo, hi, codes[i], budgets[i], rows, cols)
                 run.decode(bits, t)
-        payloads = []
         for i in range(n):
-            if plans[i] is None:
-                payload = _payload(self.tables, PlanePlan(int(lo[i]), int(hi[i]), R.ITERATIONS, R.BITS_PER_BLOCK),
-                                   codes[i])
-                if len(payload) * 1.1 < budgets[i]:
-                    raise UnsupportedPixelData(
-                        f"the requested ratio is below what the lossy model reaches on this image "
-                        f"({len(payload)} of {budgets[i]} bytes at its finest); choose a higher ratio, or "
-                        "near-lossless max_error")
-                payloads.append(payload)
-            else:
-                payloads.append(_payload(self.tables, plans[i], codes[i]))
-        return payloads
+            if plans[i] is None:        # every iteration fits by the estimate: check the real payload
+                plans[i] = self._fit_or_refuse(i, lo, hi, codes[i], budgets[i], rows, cols)
+        return [_payload(self.tables, plans[i], codes[i]) for i in range(n)]
 
     def _fit_or_refuse(self, i, lo, hi, codes, budget, rows, cols) -> PlanePlan:
+        """The plan for plane i, or UnsupportedPixelData when its budget cannot be met."""
         plan = _fit(self.tables, int(lo[i]), int(hi[i]), codes, budget)
         if plan is None and len(codes) > 1:      # not one channel of the newest iteration fits
             codes.pop()
@@ -164,14 +151,16 @@ class LossyPlanes:
                                        "choose a lower ratio")
         return plan
 
-    def decode(self, payloads: list[bytes], rows: int, cols: int) -> np.ndarray:
+    def decode(self, payloads: list[bytes], rows: int, cols: int, bits: list[int]) -> np.ndarray:
+        """payloads of planes with ``bits`` bits each (values must lie below 2**bits)."""
         n = len(payloads)
         plans, decoders = [], []
-        for p in payloads:
+        for p, b in zip(payloads, bits):
             if len(p) < PRELUDE.size:
                 raise BitstreamError("truncated lossy payload")
             lo, hi, k, d, reserved = PRELUDE.unpack_from(p)
-            if reserved or not 1 <= k <= R.ITERATIONS or not 1 <= d <= R.BITS_PER_BLOCK or hi < lo:
+            if (reserved or not 1 <= k <= R.ITERATIONS or not 1 <= d <= R.BITS_PER_BLOCK or hi < lo
+                    or hi >= 1 << int(b)):
                 raise BitstreamError("corrupt lossy payload header")
             plans.append(PlanePlan(lo, hi, k, d))
             words = np.frombuffer(p, dtype="<u4", offset=PRELUDE.size).astype(np.uint32)

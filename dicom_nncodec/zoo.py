@@ -134,8 +134,8 @@ def _read_lossy(header: dict, arrays: dict, digest: bytes) -> LoadedModel:
     net.load_state_dict(state)
     net.eval()
     probs = arrays["tables.bit_probs"]
-    if probs.shape != (RC.ITERATIONS * RC.BITS_PER_BLOCK * 3,):
-        raise ValueError("weights file has bit probabilities of the wrong shape")
+    if probs.dtype.kind not in "iu" or probs.shape != (RC.ITERATIONS * RC.BITS_PER_BLOCK * 3,):
+        raise ValueError("weights file has bit probabilities of the wrong dtype or shape")
     return LoadedModel(header["model_id"], digest, header, net, BitTables(probs.astype(np.int64)),
                        threading.Lock())
 

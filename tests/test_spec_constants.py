@@ -685,13 +685,14 @@ def test_lossy_payload_checks():
     m = zoo.load_model(zoo.DEFAULT_LOSSY_MODEL)
     dec = lossy.LossyPlanes(m, torch.device("cpu"))
     good = lossy.PRELUDE.pack(10, 20, 1, 1, 0) + b"\x00" * 4
-    assert dec.decode([good], 5, 5).shape == (1, 5, 5)
+    assert dec.decode([good], 5, 5, [8]).shape == (1, 5, 5)
     with pytest.raises(BitstreamError, match="^truncated lossy payload$"):
-        dec.decode([good[:7]], 5, 5)
+        dec.decode([good[:7]], 5, 5, [8])
     for lo, hi, k, d, reserved in ((10, 9, 1, 1, 0), (0, 0, 0, 1, 0), (0, 0, LY["iterations"] + 1, 1, 0),
-                                   (0, 0, 1, 0, 0), (0, 0, 1, LY["bits_per_block"] + 1, 0), (0, 0, 1, 1, 1)):
+                                   (0, 0, 1, 0, 0), (0, 0, 1, LY["bits_per_block"] + 1, 0), (0, 0, 1, 1, 1),
+                                   (0, 256, 1, 1, 0)):
         with pytest.raises(BitstreamError, match="^corrupt lossy payload header$"):
-            dec.decode([good, lossy.PRELUDE.pack(lo, hi, k, d, reserved) + b"\x00" * 4], 5, 5)
+            dec.decode([good, lossy.PRELUDE.pack(lo, hi, k, d, reserved) + b"\x00" * 4], 5, 5, [8, 8])
 
 
 # ---- a mode-2 decoder written from section 11 alone (numpy and Python integers) --------------------
@@ -839,6 +840,6 @@ def test_spec_decoder_on_every_iteration():
         codes = [(rng.random((R.BITS_PER_BLOCK, hb, wb)) < rng.random((R.BITS_PER_BLOCK, 1, 1))).astype(np.int64)
                  for _ in range(plan.iterations)]
         payloads.append(lossy._payload(model.tables, plan, codes))
-    ref = lossy.LossyPlanes(model, torch.device("cpu")).decode(payloads, rows, cols)
+    ref = lossy.LossyPlanes(model, torch.device("cpu")).decode(payloads, rows, cols, [16] * len(payloads))
     for i, p in enumerate(payloads):
         assert np.array_equal(_spec_decode_lossy_plane(p, rows, cols, config, arrays), ref[i]), i
