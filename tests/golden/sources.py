@@ -20,12 +20,23 @@ def _generated():
     return [smooth_image(37, 53, 10, signed=True, seed=7)]
 
 
-# name: (frames, pixel format, max_error, model id)
+_GENERATED_FMT = PixelFormat(37, 53, 1, 16, 10, True, "MONOCHROME2")
+
+# name: (frames, pixel format, encoder options, model id)
 SOURCES = {
-    "ct_small_16s": (*_file("CT_small.dcm"), 0, "nnc-lossless-1"),
-    "emri_small_12u_3frames": (*_file("emri_small.dcm", 3), 0, "nnc-lossless-1"),
-    "sc_rgb_8u": (*_file("SC_rgb.dcm"), 0, "nnc-lossless-1"),
-    "generated_37x53_10s": (_generated, PixelFormat(37, 53, 1, 16, 10, True, "MONOCHROME2"), 0, "nnc-lossless-1"),
-    "ct_small_near_lossless_3": (*_file("CT_small.dcm"), 3, "nnc-lossless-1"),
-    "ct_small_16s_nolstm": (*_file("CT_small.dcm"), 0, "nnc-lossless-1-nolstm"),
+    "ct_small_16s": (*_file("CT_small.dcm"), {}, "nnc-lossless-1"),
+    "emri_small_12u_3frames": (*_file("emri_small.dcm", 3), {}, "nnc-lossless-1"),
+    "sc_rgb_8u": (*_file("SC_rgb.dcm"), {}, "nnc-lossless-1"),
+    "generated_37x53_10s": (_generated, _GENERATED_FMT, {}, "nnc-lossless-1"),
+    "ct_small_near_lossless_3": (*_file("CT_small.dcm"), {"max_error": 3}, "nnc-lossless-1"),
+    "ct_small_16s_nolstm": (*_file("CT_small.dcm"), {}, "nnc-lossless-1-nolstm"),
+    "ct_small_lossy_ratio_8": (*_file("CT_small.dcm"), {"ratio": 8}, "nnc-lossy-1"),
+    "emri_small_lossy_3frames_ratio_6": (*_file("emri_small.dcm", 3), {"ratio": 6}, "nnc-lossy-1"),
+    "sc_rgb_lossy_ratio_12": (*_file("SC_rgb.dcm"), {"ratio": 12}, "nnc-lossy-1"),
+    "generated_37x53_10s_lossy_ratio_3": (_generated, _GENERATED_FMT, {"ratio": 3}, "nnc-lossy-1"),
 }
+
+
+def is_lossy(options: dict) -> bool:
+    """Frames from the RNN-Conv mode: their encoder is float, so only their decoding is guaranteed."""
+    return "ratio" in options
