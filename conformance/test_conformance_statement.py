@@ -585,9 +585,11 @@ def test_lossy_ceilings_table_is_the_default_configuration(defaults):
     for modality, body_parts, ceiling, _ in rows:
         ratio = float(ceiling.removesuffix(":1"))
         general, parts = listed.get(modality, (None, {}))
-        if body_parts in ("any", "any other, or none"):
+        if body_parts.startswith("none"):      # Body Part Examined absent: the modality's strictest ceiling
+            samples = [""]
+        elif body_parts in ("any", "any other"):
             general = ratio
-            samples = ["", "CHEST"] if body_parts != "any" else ["", "HEAD"]
+            samples = ["CHEST"] if body_parts == "any other" else ["", "HEAD"]
         else:
             samples = [b.strip() for b in body_parts.split(",")]
             parts = {**parts, **{b: ratio for b in samples}}
