@@ -68,3 +68,21 @@ def test_train_command_runs_resumes_and_exports(tmp_path):
     m = read_weights((out / "test-model.nncw").read_bytes())
     assert m.model_id == "test-model" and len(m.digest) == 32
     assert isinstance(log, list)
+
+
+def test_lossy_train_command_runs_resumes_and_exports(tmp_path):
+    data = tmp_path / "data" / "cxr"
+    data.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(smooth_image(80, 80, 8, seed=i).astype(np.uint8)).save(data / f"{i}.png")
+    out = tmp_path / "run"
+    args = ["train", str(tmp_path / "data"), "--lossy", "--out", str(out), "--iterations", "2", "--batch", "2",
+            "--crop", "32", "--width", "8", "--model-id", "test-lossy", "--threads", "1"]
+    assert main(args) == 0
+    assert [json.loads(line)["iteration"] for line in (out / "train.log").read_text().splitlines()] == []
+    resumed = list(args)
+    resumed[resumed.index("--iterations") + 1] = "3"
+    assert main(resumed + ["--resume"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == 3
+    m = read_weights((out / "test-lossy.nncw").read_bytes())
+    assert m.model_id == "test-lossy" and m.lossy and m.config["config"]["width"] == 8

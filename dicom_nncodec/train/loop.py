@@ -10,11 +10,9 @@ code at the trained rate.
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ import torch
 from ..models import pyramid as P
 from ..models.context_model import ContextModel, PyramidRun, logistic_bits
 from .data import CropSampler, load_training_set
+from .run_folder import RunFolder, cosine_lr, set_lr
 
 log = logging.getLogger(__name__)
 SMALL_CROP_SHARE = 0.3
@@ -67,30 +66,18 @@ def batch_bits(model: ContextModel, crops: torch.Tensor, bits: torch.Tensor) -> 
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     ts = load_training_set(cfg.roots, cfg.hold_out, cfg.max_png)
-    (out / "data.json").write_text(json.dumps({"config": asdict(cfg), "data": ts.describe()}, indent=1))
+    run = RunFolder(cfg, ts.describe())
     sampler = CropSampler(ts, cfg.seed)
     model = ContextModel(width=cfg.width, use_lstm=cfg.use_lstm)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    start = 0
-    ckpt = out / "checkpoint.pt"
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sampler.restore(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        start = state["iteration"]
-    logf = open(out / "train.log", "a")
+    start = run.resume(model, opt, sampler) if resume else 0
     t0, acc = time.time(), []
     for it in range(start, cfg.iterations):
-        lr = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * it / cfg.iterations)))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = cosine_lr(cfg.lr, it, cfg.iterations)
+        set_lr(opt, lr)
         # small crops too, so the small (64-96 px) MR series of the training set are seen
         size = cfg.crop // 2 if sampler.rng.random() < SMALL_CROP_SHARE else cfg.crop
         crops, bits = sampler.batch(cfg.batch * (cfg.crop // size) ** 2, size)
@@ -101,17 +88,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         opt.step()
         acc.append(float(loss.detach()))
         if (it + 1) % cfg.log_every == 0:
-            line = {"iteration": it + 1, "bpp": float(np.mean(acc)), "lr": lr, "seconds": round(time.time() - t0, 1)}
-            logf.write(json.dumps(line) + "\n")
-            logf.flush()
-            log.info("%s", line)
+            run.log({"iteration": it + 1, "bpp": float(np.mean(acc)), "lr": lr, "seconds": round(time.time() - t0, 1)})
             acc = []
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sampler": sampler.state(),
-                        "torch_rng": torch.get_rng_state(), "iteration": it + 1, "config": asdict(cfg)}, tmp)
-            tmp.replace(ckpt)
-    logf.close()
+            run.checkpoint(model, opt, sampler, it + 1)
+    run.close()
     return export(model, cfg)
 
 

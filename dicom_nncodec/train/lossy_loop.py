@@ -12,11 +12,10 @@ Checkpoints, log lines and ``--resume`` work as in the lossless trainer.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 
 from ..models import rnnconv as R
 from .data import CropSampler, load_training_set
+from .run_folder import RunFolder, cosine_lr, set_lr
 
 log = logging.getLogger(__name__)
 LOSSY_GROUP_WEIGHTS = {"radiograph": 0.5, "ct": 0.25, "mr": 0.25}
@@ -86,30 +86,18 @@ def _log_mse(u, recon):
 
 
 def train(cfg: LossyTrainConfig, resume: bool = False) -> Path:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     ts = load_training_set(cfg.roots, cfg.hold_out, cfg.max_png)
-    (out / "data.json").write_text(json.dumps({"config": asdict(cfg), "data": ts.describe()}, indent=1))
+    run = RunFolder(cfg, ts.describe())
     sampler = RangeSampler(ts, cfg.seed, weights=LOSSY_GROUP_WEIGHTS)
     model = R.RNNConvCodec(cfg.width)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    start = 0
-    ckpt = out / "checkpoint.pt"
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sampler.restore(state["sampler"])
-        torch.set_rng_state(state["torch_rng"])
-        start = state["iteration"]
-    logf = open(out / "train.log", "a")
+    start = run.resume(model, opt, sampler) if resume else 0
     t0, acc = time.time(), []
     for it in range(start, cfg.iterations):
-        lr = cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * it / cfg.iterations)))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = cosine_lr(cfg.lr, it, cfg.iterations)
+        set_lr(opt, lr)
         crops, lo, span = sampler.batch_with_range(cfg.batch, cfg.crop)
         loss, per_iter = batch_loss(model, torch.from_numpy(crops), torch.from_numpy(lo), torch.from_numpy(span),
                                     sampler.rng)
@@ -121,18 +109,12 @@ def train(cfg: LossyTrainConfig, resume: bool = False) -> Path:
         if (it + 1) % cfg.log_every == 0:
             m = np.mean(acc, 0)
             # -10*log10(mse) of the normalised range: PSNR with the plane's range as peak
-            line = {"iteration": it + 1, "psnr_per_iteration": [round(-10 * float(v), 2) for v in m],
-                    "lr": lr, "seconds": round(time.time() - t0, 1)}
-            logf.write(json.dumps(line) + "\n")
-            logf.flush()
-            log.info("%s", line)
+            run.log({"iteration": it + 1, "psnr_per_iteration": [round(-10 * float(v), 2) for v in m],
+                     "lr": lr, "seconds": round(time.time() - t0, 1)})
             acc = []
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sampler": sampler.state(),
-                        "torch_rng": torch.get_rng_state(), "iteration": it + 1, "config": asdict(cfg)}, tmp)
-            tmp.replace(ckpt)
-    logf.close()
+            run.checkpoint(model, opt, sampler, it + 1)
+    run.close()
     return export(cfg)
 
 
@@ -176,7 +158,7 @@ def export(cfg: LossyTrainConfig) -> Path:
     model.export()
     ts = load_training_set(cfg.roots, cfg.hold_out, cfg.max_png)
     sampler = RangeSampler(ts, cfg.seed + 1, weights=LOSSY_GROUP_WEIGHTS)
-    probs = estimate_bit_probs(estimate_code_counts(model, sampler))
+    probs = estimate_bit_probs(estimate_code_counts(model, sampler, size=2 * cfg.crop))
     path = out / f"{cfg.model_id}.nncw"
     digest = write_lossy_weights(path, cfg.model_id, model, probs,
                                  extra={"hold_out": cfg.hold_out, "iterations": state["iteration"], "seed": cfg.seed,
