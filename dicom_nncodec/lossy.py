@@ -64,24 +64,26 @@ def _symbols(bits: torch.Tensor) -> np.ndarray:
     return (bits.cpu().numpy() > 0).astype(np.int64)
 
 
-def _payload(tables: BitTables, plan: PlanePlan, codes: list[np.ndarray]) -> bytes:
-    """codes[t]: 0/1 array (BITS_PER_BLOCK, rows/16, cols/16) of iteration t."""
-    enc = constriction.stream.queue.RangeEncoder()
+def _coded(plan: PlanePlan, codes: list[np.ndarray]):
+    """(0/1 symbols, their contexts) of each iteration the plan sends, in coding order."""
     for t in range(plan.iterations):
         d = plan.depth(t)
         ctx = BitTables.contexts(t, codes[t - 1] * 2 - 1 if t else None, d, R.BITS_PER_BLOCK, codes[t][0].size)
-        tables.encode(enc, codes[t][:d].reshape(-1), ctx)
+        yield codes[t][:d].reshape(-1), ctx
+
+
+def _payload(tables: BitTables, plan: PlanePlan, codes: list[np.ndarray]) -> bytes:
+    """codes[t]: 0/1 array (BITS_PER_BLOCK, rows/16, cols/16) of iteration t."""
+    enc = constriction.stream.queue.RangeEncoder()
+    for symbols, ctx in _coded(plan, codes):
+        tables.encode(enc, symbols, ctx)
     words = enc.get_compressed().astype("<u4").tobytes()
     return PRELUDE.pack(plan.lo, plan.hi, plan.iterations, plan.last_depth, 0) + words
 
 
 def _length(tables: BitTables, plan: PlanePlan, codes: list[np.ndarray]) -> int:
     """Estimated payload bytes (ideal code length), for choosing the depth before the real coding."""
-    total = 0
-    for t in range(plan.iterations):
-        d = plan.depth(t)
-        ctx = BitTables.contexts(t, codes[t - 1] * 2 - 1 if t else None, d, R.BITS_PER_BLOCK, codes[t][0].size)
-        total += tables.code_length(codes[t][:d].reshape(-1), ctx)
+    total = sum(tables.code_length(symbols, ctx) for symbols, ctx in _coded(plan, codes))
     return PRELUDE.size + 4 * (total // (32 * COST_ONE) + 1)
 
 

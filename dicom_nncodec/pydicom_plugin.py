@@ -17,7 +17,6 @@ import os
 import numpy as np
 
 from . import codec
-from .errors import UnsupportedPixelData
 from .dataset import check_lossy_options
 from .pixels import PixelFormat, check_high_bit
 from .syntax import PRIVATE_SYNTAXES, NNCodecLossless

@@ -49,11 +49,16 @@ def test_qat_and_integer_paths_agree(use_lstm):
         assert torch.equal(m1, m2) and torch.equal(j1, j2)
 
 
-def test_train_command_runs_resumes_and_exports(tmp_path):
+def _png_folder(tmp_path):
+    """tmp_path/data/cxr with three small 8-bit PNGs: a training root for the train command."""
     data = tmp_path / "data" / "cxr"
     data.mkdir(parents=True)
     for i in range(3):
         Image.fromarray(smooth_image(80, 80, 8, seed=i).astype(np.uint8)).save(data / f"{i}.png")
+
+
+def test_train_command_runs_resumes_and_exports(tmp_path):
+    _png_folder(tmp_path)
     out = tmp_path / "run"
     args = ["train", str(tmp_path / "data"), "--out", str(out), "--iterations", "2", "--batch", "2", "--crop", "32",
             "--width", "4", "--model-id", "test-model"]
@@ -71,10 +76,7 @@ def test_train_command_runs_resumes_and_exports(tmp_path):
 
 
 def test_lossy_train_command_runs_resumes_and_exports(tmp_path):
-    data = tmp_path / "data" / "cxr"
-    data.mkdir(parents=True)
-    for i in range(3):
-        Image.fromarray(smooth_image(80, 80, 8, seed=i).astype(np.uint8)).save(data / f"{i}.png")
+    _png_folder(tmp_path)
     out = tmp_path / "run"
     args = ["train", str(tmp_path / "data"), "--lossy", "--out", str(out), "--iterations", "2", "--batch", "2",
             "--crop", "32", "--width", "8", "--model-id", "test-lossy", "--threads", "1"]

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from . import pyramid as P
-from .quant import QConv, QConvLSTM, ste_floor, ste_round
+from .quant import QConv, QConvLSTM, ste_floor
 
 CONTEXT_LEVEL = 3          # the ConvLSTM runs at the size of pyramid level 3 (1/8 per side)
 HIDDEN = 8
