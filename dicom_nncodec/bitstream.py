@@ -1,4 +1,8 @@
-"""Frame container, format version 1 (specified in conformance/PRIVATE_TRANSFER_SYNTAX.md).
+"""Frame container, format versions 1 and 2 (specified in conformance/PRIVATE_TRANSFER_SYNTAX.md).
+
+Both versions share this layout; the version says how the payloads are coded
+(1: the torch pyramid and the constriction range coder; 2: the compiled engine
+with adaptive tables and rANS, lossless only).
 
 No torch and no model here: only packing, unpacking and the integrity checks,
 so a corrupt, truncated or foreign frame is refused before any decoding work.
@@ -24,7 +28,8 @@ from dataclasses import dataclass
 from .errors import BitstreamError
 
 MAGIC = b"NNCF"
-VERSION = 1
+VERSION = 2                 # the newest format this release writes
+VERSIONS = (1, 2)           # every format this release decodes
 MODE_LOSSLESS = 0
 MODE_NEAR_LOSSLESS = 1
 MODE_LOSSY = 2          # RNN-Conv at a target ratio; payload layout in lossy.py
@@ -50,6 +55,7 @@ class FrameHeader:
     pixel_crc: int
     payload_sizes: tuple[int, ...]
     header_size: int = 0
+    version: int = 1
 
     @property
     def size(self) -> int:
@@ -61,7 +67,9 @@ def pack(h: FrameHeader, payloads: list[bytes]) -> bytes:
     mid = h.model_id.encode("ascii")
     if len(mid) > 255 or len(h.digest) != 32:
         raise ValueError("model id must be ASCII of at most 255 bytes and the digest 32 bytes")
-    out = bytearray(_FIXED.pack(MAGIC, VERSION, h.mode, h.max_error, len(mid)))
+    if h.version not in VERSIONS:
+        raise ValueError(f"format version {h.version} is not one of {VERSIONS}")
+    out = bytearray(_FIXED.pack(MAGIC, h.version, h.mode, h.max_error, len(mid)))
     out += mid + h.digest
     out += _GEOMETRY.pack(h.rows, h.columns, h.samples_per_pixel, h.bits_allocated, h.bits_stored,
                           int(h.signed), h.transform, len(payloads), h.pixel_crc)
@@ -107,8 +115,8 @@ def read_header(data: bytes) -> FrameHeader:
     if len(data) < _FIXED.size or data[:4] != MAGIC:
         raise BitstreamError("not a dicom-nncodec frame (bad magic)")
     _, version, mode, max_error, n = _FIXED.unpack_from(data)
-    if version != VERSION:
-        newer = " (written by a newer release; upgrade dicom-nncodec)" if version > VERSION else ""
+    if version not in VERSIONS:
+        newer = " (written by a newer release; upgrade dicom-nncodec)" if version > max(VERSIONS) else ""
         raise BitstreamError(f"unsupported frame format version {version}{newer}")
     if mode not in MODE_NAMES:
         raise BitstreamError(f"unknown coding mode {mode}")
@@ -138,5 +146,8 @@ def read_header(data: bytes) -> FrameHeader:
         raise BitstreamError("corrupt frame header: colour transform only applies to lossless 3-sample frames")
     if pr and spp != 1:
         raise BitstreamError("corrupt frame header: signed data with more than one sample")
+    if version == 2 and mode != MODE_LOSSLESS:
+        raise BitstreamError(f"corrupt frame header: format version 2 codes lossless frames only, not "
+                             f"{MODE_NAMES[mode]}")
     return FrameHeader(mode, max_error, model_id, digest, rows, cols, spp, ba, bs, bool(pr), tr, pixel_crc,
-                       tuple(sizes), pos)
+                       tuple(sizes), pos, version)

@@ -28,8 +28,9 @@ from .errors import BitstreamError, NNCodecError, UnsupportedPixelData
 from .models import pyramid as P
 from .models.context_model import PyramidRun
 from .pixels import PixelFormat, from_planes, to_planes
+from .engine import planes as EP
 from .lossy import LossyPlanes
-from .zoo import LoadedModel, default_lossy_model, default_model, load_model
+from .zoo import NEAR_LOSSLESS_MODEL, LoadedModel, default_lossy_model, default_model, load_model
 
 MAX_NEAR_LOSSLESS_ERROR = B.MAX_ERROR
 DEFAULT_BATCH = 8
@@ -173,11 +174,18 @@ def encode_frames(frames: Iterable[np.ndarray], fmt: PixelFormat, *, max_error: 
     if not 0 <= int(max_error) <= MAX_NEAR_LOSSLESS_ERROR:
         raise UnsupportedPixelData(f"max_error must be between 0 and {MAX_NEAR_LOSSLESS_ERROR}")
     max_error = int(max_error)
-    model = load_model(model_id or default_model())
-    dev = resolve_device(device)
+    model = load_model(model_id or (NEAR_LOSSLESS_MODEL if max_error else default_model()))
+    if model.lossy:
+        raise UnsupportedPixelData(f"model {model.model_id!r} is lossy; it needs ratio=")
     transform = fmt.coding_transform(max_error)
     bits = np.array(fmt.plane_bits(transform), dtype=np.int64)
     frames = list(frames)
+    if model.format_version == 2:
+        if max_error:
+            raise UnsupportedPixelData(f"model {model.model_id!r} codes lossless only; near-lossless max_error "
+                                       f"is coded by {NEAR_LOSSLESS_MODEL!r}")
+        return _encode_engine(frames, fmt, model, transform, bits)
+    dev = resolve_device(device)
     out: list[bytes] = []
     for start in range(0, len(frames), batch_size):
         chunk = frames[start:start + batch_size]
@@ -196,6 +204,23 @@ def encode_frames(frames: Iterable[np.ndarray], fmt: PixelFormat, *, max_error: 
                                    model.digest, fmt.rows, fmt.columns, fmt.samples_per_pixel, fmt.bits_allocated,
                                    fmt.bits_stored, fmt.signed, transform, pixel_crc(decoded), ())
             out.append(B.pack(header, payloads[i * p:(i + 1) * p]))
+    return out
+
+
+def _encode_engine(frames: list[np.ndarray], fmt: PixelFormat, model: LoadedModel, transform: int,
+                   bits: np.ndarray) -> list[bytes]:
+    """Lossless frames in format version 2: every plane of every frame through the compiled engine,
+    in parallel threads."""
+    p = len(bits)
+    planes = [pl for f in frames for pl in to_planes(f, fmt, transform)]
+    payloads = EP.encode_planes(planes, [int(b) for b in bits] * len(frames), model.engine)
+    out = []
+    for i, f in enumerate(frames):
+        decoded = from_planes(np.stack(planes[i * p:(i + 1) * p]), fmt, transform)
+        header = B.FrameHeader(B.MODE_LOSSLESS, 0, model.model_id, model.digest, fmt.rows, fmt.columns,
+                               fmt.samples_per_pixel, fmt.bits_allocated, fmt.bits_stored, fmt.signed, transform,
+                               pixel_crc(decoded), (), version=2)
+        out.append(B.pack(header, payloads[i * p:(i + 1) * p]))
     return out
 
 
@@ -268,8 +293,8 @@ def decode_frames(datas: Iterable[bytes], fmt: PixelFormat | None = None, *, dev
     """Decode frames; each result is checked against the CRC-32 stored at encoding time.
 
     ``lossless_only``: refuse near-lossless and lossy frames (data labelled with the lossless syntax)."""
-    dev = resolve_device(device)
     parsed = [B.unpack(d) for d in datas]
+    dev = resolve_device(device) if any(h.version == 1 for h, _ in parsed) else None
     if lossless_only and any(h.mode != B.MODE_LOSSLESS for h, _ in parsed):
         raise BitstreamError("a lossy or near-lossless frame is stored under the lossless transfer syntax")
     out: list[np.ndarray | None] = [None] * len(parsed)
@@ -278,9 +303,15 @@ def decode_frames(datas: Iterable[bytes], fmt: PixelFormat | None = None, *, dev
     for i, (h, _) in enumerate(parsed):
         check_matches(h, fmt)
         keys.setdefault((h.model_id, h.digest, h.rows, h.columns, h.samples_per_pixel, h.bits_stored,
-                         h.transform, h.max_error, h.bits_allocated, h.signed, h.mode), []).append(i)
+                         h.transform, h.max_error, h.bits_allocated, h.signed, h.mode, h.version), []).append(i)
     for key, idx in keys.items():
         model = load_model(key[0], key[1])
+        if model.format_version != key[-1]:
+            raise BitstreamError(f"frame format version {key[-1]} does not match model {model.model_id!r} "
+                                 f"(format version {model.format_version})")
+        if key[-1] == 2:
+            _decode_engine(parsed, idx, model, out)
+            continue
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
             h0 = parsed[chunk[0]][0]
@@ -307,6 +338,21 @@ def decode_frames(datas: Iterable[bytes], fmt: PixelFormat | None = None, *, dev
                                          "that does not decode bit-exactly here)")
                 out[i] = frame
     return out  # type: ignore[return-value]
+
+
+def _decode_engine(parsed, idx: list[int], model: LoadedModel, out: list) -> None:
+    """Format-version-2 frames of one geometry: every plane of every frame in parallel threads."""
+    h0 = parsed[idx[0]][0]
+    ffmt = _format_of(h0)
+    bits = [int(b) for b in ffmt.plane_bits(h0.transform)]
+    p = len(bits)
+    payloads = [pl for i in idx for pl in parsed[i][1]]
+    planes = EP.decode_planes(payloads, h0.rows, h0.columns, bits * len(idx), model.engine)
+    for k, i in enumerate(idx):
+        frame = from_planes(np.stack(planes[k * p:(k + 1) * p]), ffmt)
+        if pixel_crc(frame) != parsed[i][0].pixel_crc:
+            raise BitstreamError("decoded pixels fail the stored CRC-32 (corrupt payload)")
+        out[i] = frame
 
 
 def decode_frame(data: bytes, fmt: PixelFormat | None = None, **kw) -> np.ndarray:

@@ -24,17 +24,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .engine.planes import WEIGHT_NAMES, EngineWeights
 from .entropy import BitTables, TableSet, build_tables
 from .errors import ModelNotFound
 from .models.context_model import ContextModel
+from .models.pixel_mlp import PixelMLPModel
+from .engine import kernels as EK
 from .models import rnnconv as RC
 from .models.quant import QConv
 from .models.rnnconv import RNNConvCodec
 
 MAGIC = b"NNCW1\n"
-DEFAULT_LOSSLESS_MODEL = "nnc-lossless-1"
+DEFAULT_LOSSLESS_MODEL = "nnc-lossless-2"
+NEAR_LOSSLESS_MODEL = "nnc-lossless-1"      # near-lossless (max_error > 0) is coded by the version-1 models
 DEFAULT_LOSSY_MODEL = "nnc-lossy-1"
 RNN_CONV_KIND = "rnn-conv"
+PIXEL_MLP_KIND = "pixel-mlp"
 _INTEGER_SUFFIXES = ("w_int", "b_int", "e_int", "_lut", "thresholds")
 
 
@@ -43,9 +48,15 @@ class LoadedModel:
     model_id: str
     digest: bytes
     config: dict
-    net: ContextModel | RNNConvCodec
-    tables: TableSet | BitTables
+    net: ContextModel | RNNConvCodec | PixelMLPModel
+    tables: TableSet | BitTables | None
     lock: threading.Lock
+    engine: EngineWeights | None = None
+
+    @property
+    def format_version(self) -> int:
+        """The frame format version this model's frames are written in (2: the compiled engine)."""
+        return 2 if self.engine is not None else 1
 
     @property
     def lossy(self) -> bool:
@@ -77,6 +88,51 @@ def write_weights(path: Path, model_id: str, net: ContextModel, extra: dict | No
     arrays["tables.offsets"] = offsets.astype("<i8")
     arrays["tables.freqs"] = freqs.astype("<u4")
     return _write(path, model_id, {"width": net.width, "use_lstm": net.use_lstm}, arrays, extra)
+
+
+def _pixel_mlp_config(increment: int, limit: int) -> dict:
+    return {"kind": PIXEL_MLP_KIND, "format_version": 2, "hidden": EK.HIDDEN, "contexts": EK.NC, "tokens": EK.NT,
+            "increment": increment, "limit": limit}
+
+
+def write_engine_weights(path: Path, model_id: str, weights: EngineWeights, extra: dict | None = None) -> bytes:
+    """Export a version-2 model: its integer MLP weights in the engine's layout and the prior counts
+    of the context tables; returns the SHA-256 digest."""
+    arrays = {f"engine.{n}": np.asarray(weights.arrays[n]).astype("<i4") for n in WEIGHT_NAMES}
+    arrays["tables.prior"] = np.asarray(weights.prior).astype("<i4")
+    return _write(path, model_id, _pixel_mlp_config(weights.increment, weights.limit), arrays, extra)
+
+
+_ENGINE_SHAPES = {"w1": (3, EK.HIDDEN, EK.MAX_F), "b1": (3, EK.HIDDEN), "s1": (3, EK.HIDDEN),
+                  "w2": (3, EK.HIDDEN, EK.HIDDEN), "b2": (3, EK.HIDDEN), "s2": (3, EK.HIDDEN),
+                  "w3": (3, 2, EK.HIDDEN), "b3": (3, 2), "s3": (3, 2)}
+
+
+def _read_pixel_mlp(header: dict, arrays: dict, digest: bytes) -> LoadedModel:
+    cfg = header["config"]
+    if cfg != _pixel_mlp_config(cfg.get("increment"), cfg.get("limit")) or not (
+            isinstance(cfg["increment"], int) and isinstance(cfg["limit"], int)
+            and 1 <= cfg["increment"] <= 1 << 10 and 1 << 8 <= cfg["limit"] <= 1 << 24):
+        raise ValueError(f"unknown pixel-MLP configuration {cfg}")
+    want = {f"engine.{n}" for n in WEIGHT_NAMES} | {"tables.prior"}
+    if set(arrays) != want:
+        raise ValueError(f"weights file arrays do not match the model: missing {sorted(want - set(arrays))}, "
+                         f"unexpected {sorted(set(arrays) - want)}")
+    eng = {}
+    for n in WEIGHT_NAMES:
+        a = arrays[f"engine.{n}"]
+        if a.dtype.kind not in "iu" or tuple(a.shape) != _ENGINE_SHAPES[n]:
+            raise ValueError(f"array engine.{n} has dtype {a.dtype} and shape {a.shape}; the model needs "
+                             f"integers {_ENGINE_SHAPES[n]}")
+        eng[n] = np.ascontiguousarray(a, dtype=np.int64)
+    prior = arrays["tables.prior"]
+    if prior.dtype.kind not in "iu" or prior.shape != (EK.NC, EK.NT) or int(prior.min()) < 1:
+        raise ValueError("weights file has prior counts of the wrong dtype or shape, or a count below 1")
+    weights = EngineWeights(eng, np.ascontiguousarray(prior, dtype=np.int64), cfg["increment"], cfg["limit"])
+    net = PixelMLPModel()
+    net.load_engine_arrays(eng)
+    net.eval()
+    return LoadedModel(header["model_id"], digest, header, net, None, threading.Lock(), weights)
 
 
 def _rnnconv_config(width: int) -> dict:
@@ -158,6 +214,8 @@ def read_weights(data: bytes) -> LoadedModel:
     cfg = header["config"]
     if cfg.get("kind") == RNN_CONV_KIND:
         return _read_lossy(header, arrays, hashlib.sha256(data).digest())
+    if cfg.get("kind") == PIXEL_MLP_KIND:
+        return _read_pixel_mlp(header, arrays, hashlib.sha256(data).digest())
     if set(cfg) != {"width", "use_lstm"}:
         raise ValueError(f"unknown model configuration {cfg}")
     net = ContextModel(width=cfg["width"], use_lstm=cfg["use_lstm"])
