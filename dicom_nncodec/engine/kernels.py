@@ -39,7 +39,7 @@ NUM_SCALES = 133
 SCALE_INDEX_OFFSET = 36
 SCALES_PER_OCTAVE = 6
 CHUNK = 4096                    # grid positions between two table updates
-BLOCK = 64                      # positions whose network runs together (a multiple of nothing normative)
+BLOCK = 256                      # positions whose network runs together (a multiple of nothing normative)
 HIDDEN = 16
 MAX_K = 14
 MAX_F = MAX_K + 4
@@ -64,6 +64,9 @@ for _p, _o in _OFFS.items():
 ORIGIN_Y = np.array([1, 0, 1], dtype=np.int64)       # D (odd, odd), B (even, odd), C (odd, even)
 ORIGIN_X = np.array([1, 1, 0], dtype=np.int64)
 THRESHOLDS = np.array([int(np.ceil(2.0 ** (m / SCALES_PER_OCTAVE) - 1e-12)) for m in range(1, 121)], dtype=np.int64)
+SMALL_U = 1 << 12              # activities below this take their log index and reciprocal from tables
+LOG_LUT = np.searchsorted(THRESHOLDS, np.arange(SMALL_U), side="right").astype(np.int32)
+INV_LUT = np.array([(1 << 16) // max(u, 1) for u in range(SMALL_U)], dtype=np.int32)
 # raw low bits of each context: floor(log2 of the context's middle scale) - 3, at least 0
 LOW_BITS = np.array([max(0, (3 * c + 1 - SCALE_INDEX_OFFSET) // SCALES_PER_OCTAVE - 3) for c in range(NC)],
                     dtype=np.int64)
@@ -177,78 +180,105 @@ def _token(zz):
 
 @njit(cache=True, nogil=True)
 def _network_block(X, H2, W2, ph, level, bits, ys, xs, nb, w1, b1, s1, w2, b2, s2, w3, b3, s3,
-                   feats, h1, h2, loc, uu, lu, mu4, jj):
-    """Features, the three integer layers and the head for ``nb`` positions (level coordinates ys, xs)."""
+                   nv, feats, h1, h2, loc, uu, lu, mu4, jj):
+    """Features, the two integer layers and the head for ``nb`` positions (level coordinates ys, xs).
+
+    Laid out for the vector units: neighbours are gathered once per position, then every
+    feature and every layer is a loop over the block's positions on int32 lanes (the export
+    bounds every partial sum below 2**24, so int32 is exact)."""
     K = NEI_K[ph]
     F = K + 4
     maxv = (1 << bits) - 1
     lev = level if level < 7 else 7
     for p in range(nb):
         y, x = ys[p], xs[p]
-        s4 = 0
-        for k in range(4):
-            s4 += X[_clampp(y + NEI_DY[ph, k], H2), _clampp(x + NEI_DX[ph, k], W2)]
-        lc = (s4 + 2) >> 2
-        a = 0
-        for k in range(4):
-            d = X[_clampp(y + NEI_DY[ph, k], H2), _clampp(x + NEI_DX[ph, k], W2)] - lc
-            a += d if d >= 0 else -d
-        u = (a >> 2) + 1
-        inv = (1 << 16) // u
-        for k in range(K):
-            d = np.int64(X[_clampp(y + NEI_DY[ph, k], H2), _clampp(x + NEI_DX[ph, k], W2)] - lc)
-            v = (d * inv) >> 13
-            if v > 127:
-                v = 127
-            elif v < -127:
-                v = -127
-            feats[k, p] = v
-        li = _log_index(u, THRESHOLDS)
-        feats[K, p] = (lc * 64) >> bits
+        if y >= 3 and y + 3 < H2 and x >= 3 and x + 3 < W2:
+            for k in range(K):
+                nv[k, p] = X[y + NEI_DY[ph, k], x + NEI_DX[ph, k]]
+        else:
+            for k in range(K):
+                nv[k, p] = X[_clampp(y + NEI_DY[ph, k], H2), _clampp(x + NEI_DX[ph, k], W2)]
+    for p in range(nb):
+        loc[p] = (nv[0, p] + nv[1, p] + nv[2, p] + nv[3, p] + 2) >> 2
+    for p in range(nb):
+        lc = loc[p]
+        uu[p] = ((abs(nv[0, p] - lc) + abs(nv[1, p] - lc) + abs(nv[2, p] - lc) + abs(nv[3, p] - lc)) >> 2) + 1
+    for p in range(nb):                                     # h2 rows 0, 1 hold inv and lu until layer 2
+        u = uu[p]
+        if u < SMALL_U:
+            h2[0, p] = INV_LUT[u]
+            h2[1, p] = LOG_LUT[u]
+        else:
+            h2[0, p] = (1 << 16) // u
+            h2[1, p] = _log_index(u, THRESHOLDS)
+    for k in range(K):
+        for p in range(nb):
+            v = (np.int64(nv[k, p] - loc[p]) * h2[0, p]) >> 13
+            feats[k, p] = min(max(v, -127), 127)
+    for p in range(nb):
+        li = h2[1, p]
+        lu[p] = li
+        feats[K, p] = (loc[p] * 64) >> bits
         feats[K + 1, p] = li if li < 127 else 127
         feats[K + 2, p] = 8 * lev
         feats[K + 3, p] = 4 * bits
-        loc[p], uu[p], lu[p] = lc, u, li
     # layer 1
     for o in range(HIDDEN):
+        b = b1[ph, o]
         for p in range(nb):
-            h1[o, p] = b1[ph, o]
+            h1[o, p] = b
         for k in range(F):
             w = w1[ph, o, k]
             for p in range(nb):
                 h1[o, p] += w * feats[k, p]
         sh = s1[ph, o]
-        for p in range(nb):
-            v = h1[o, p] << sh if sh >= 0 else h1[o, p] >> -sh
-            if v < 0:
-                v >>= LEAKY_SHIFT
-            h1[o, p] = min(max(v, -127), 127)
+        if sh >= 0:
+            for p in range(nb):
+                v = h1[o, p] << sh
+                v = v >> LEAKY_SHIFT if v < 0 else v
+                h1[o, p] = min(max(v, -127), 127)
+        else:
+            for p in range(nb):
+                v = h1[o, p] >> -sh
+                v = v >> LEAKY_SHIFT if v < 0 else v
+                h1[o, p] = min(max(v, -127), 127)
     # layer 2
     for o in range(HIDDEN):
+        b = b2[ph, o]
         for p in range(nb):
-            h2[o, p] = b2[ph, o]
+            h2[o, p] = b
         for k in range(HIDDEN):
             w = w2[ph, o, k]
             for p in range(nb):
                 h2[o, p] += w * h1[k, p]
         sh = s2[ph, o]
-        for p in range(nb):
-            v = h2[o, p] << sh if sh >= 0 else h2[o, p] >> -sh
-            if v < 0:
-                v >>= LEAKY_SHIFT
-            h2[o, p] = min(max(v, -127), 127)
+        if sh >= 0:
+            for p in range(nb):
+                v = h2[o, p] << sh
+                v = v >> LEAKY_SHIFT if v < 0 else v
+                h2[o, p] = min(max(v, -127), 127)
+        else:
+            for p in range(nb):
+                v = h2[o, p] >> -sh
+                v = v >> LEAKY_SHIFT if v < 0 else v
+                h2[o, p] = min(max(v, -127), 127)
     # head: location offset m and log-scale offset s (Q4), then mu4 and j
     for p in range(nb):
-        m = np.int64(b3[ph, 0])
-        s = np.int64(b3[ph, 1])
-        for k in range(HIDDEN):
-            m += w3[ph, 0, k] * h2[k, p]
-            s += w3[ph, 1, k] * h2[k, p]
-        m = m << s3[ph, 0] if s3[ph, 0] >= 0 else m >> -s3[ph, 0]
-        s = s << s3[ph, 1] if s3[ph, 1] >= 0 else s >> -s3[ph, 1]
+        h1[0, p] = b3[ph, 0]
+        h1[1, p] = b3[ph, 1]
+    for k in range(HIDDEN):
+        wm = w3[ph, 0, k]
+        ws = w3[ph, 1, k]
+        for p in range(nb):
+            h1[0, p] += wm * h2[k, p]
+            h1[1, p] += ws * h2[k, p]
+    sm, ss = s3[ph, 0], s3[ph, 1]
+    for p in range(nb):
+        m = h1[0, p] << sm if sm >= 0 else h1[0, p] >> -sm
+        s = h1[1, p] << ss if ss >= 0 else h1[1, p] >> -ss
         m = min(max(m, -2047), 2047)
         s = min(max(s, -2047), 2047)
-        v = 4 * np.int64(loc[p]) + ((m * uu[p]) >> 2)
+        v = 4 * np.int64(loc[p]) + ((np.int64(m) * uu[p]) >> 2)
         if v < 0:
             v = 0
         elif v > 4 * maxv:
@@ -256,6 +286,21 @@ def _network_block(X, H2, W2, ph, level, bits, ys, xs, nb, w1, b1, s1, w2, b2, s
         mu4[p] = v
         j = lu[p] + SCALE_INDEX_OFFSET + ((s * SCALES_PER_OCTAVE + 8) >> 4)
         jj[p] = min(max(j, 0), NUM_SCALES - 1)
+
+
+@njit(cache=True, nogil=True)
+def _block_buffers():
+    """Per-call scratch of ``_network_block`` (int32 lanes, except the int64 outputs)."""
+    nv = np.zeros((MAX_K, BLOCK), dtype=np.int32)
+    feats = np.zeros((MAX_F, BLOCK), dtype=np.int32)
+    h1 = np.zeros((HIDDEN, BLOCK), dtype=np.int32)
+    h2 = np.zeros((HIDDEN, BLOCK), dtype=np.int32)
+    loc = np.zeros(BLOCK, dtype=np.int32)
+    uu = np.zeros(BLOCK, dtype=np.int32)
+    lu = np.zeros(BLOCK, dtype=np.int32)
+    mu4 = np.zeros(BLOCK, dtype=np.int64)
+    jj = np.zeros(BLOCK, dtype=np.int64)
+    return nv, feats, h1, h2, loc, uu, lu, mu4, jj
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -373,19 +418,12 @@ def code_plane(plane, decode, words, bits, prior, inc, limit,
         if nw < 2:
             return words, ERR_TRUNCATED
         x = (np.int64(words[0]) << 16) | np.int64(words[1])
-    feats = np.zeros((MAX_F, BLOCK), dtype=np.int64)
-    h1 = np.zeros((HIDDEN, BLOCK), dtype=np.int64)
-    h2 = np.zeros((HIDDEN, BLOCK), dtype=np.int64)
-    loc = np.zeros(BLOCK, dtype=np.int64)
-    uu = np.zeros(BLOCK, dtype=np.int64)
-    lu = np.zeros(BLOCK, dtype=np.int64)
-    mu4 = np.zeros(BLOCK, dtype=np.int64)
-    jj = np.zeros(BLOCK, dtype=np.int64)
+    nv, feats, h1, h2, loc, uu, lu, mu4, jj = _block_buffers()
     ys = np.zeros(BLOCK, dtype=np.int64)
     xs = np.zeros(BLOCK, dtype=np.int64)
     # the base level, raw
     hb, wb = sizes[nlev - 1, 0], sizes[nlev - 1, 1]
-    level_img = np.zeros((hb, wb), dtype=np.int64)
+    level_img = np.zeros((hb, wb), dtype=np.int32)
     for i in range(hb):
         for j in range(wb):
             if decode:
@@ -401,7 +439,7 @@ def code_plane(plane, decode, words, bits, prior, inc, limit,
         H, W = sizes[level, 0], sizes[level, 1]
         h, w = sizes[level + 1, 0], sizes[level + 1, 1]
         H2, W2 = 2 * h, 2 * w
-        X = np.zeros((H2, W2), dtype=np.int64)
+        X = np.zeros((H2, W2), dtype=np.int32)
         for i in range(h):
             for j in range(w):
                 X[2 * i, 2 * j] = level_img[i, j]
@@ -417,7 +455,7 @@ def code_plane(plane, decode, words, bits, prior, inc, limit,
                     ys[p] = 2 * (g // w) + oy
                     xs[p] = 2 * (g % w) + ox
                 _network_block(X, H2, W2, ph, level, bits, ys, xs, nb, w1, b1, s1, w2, b2, s2, w3, b3, s3,
-                               feats, h1, h2, loc, uu, lu, mu4, jj)
+                               nv, feats, h1, h2, loc, uu, lu, mu4, jj)
                 for p in range(nb):
                     y, xx = ys[p], xs[p]
                     m4 = mu4[p]
@@ -494,14 +532,7 @@ def phase_predictions(X, ph, level, bits, w1, b1, s1, w2, b2, s2, w3, b3, s3):
     h, w = H2 // 2, W2 // 2
     out_m = np.zeros((h, w), dtype=np.int64)
     out_j = np.zeros((h, w), dtype=np.int64)
-    feats = np.zeros((MAX_F, BLOCK), dtype=np.int64)
-    h1 = np.zeros((HIDDEN, BLOCK), dtype=np.int64)
-    h2 = np.zeros((HIDDEN, BLOCK), dtype=np.int64)
-    loc = np.zeros(BLOCK, dtype=np.int64)
-    uu = np.zeros(BLOCK, dtype=np.int64)
-    lu = np.zeros(BLOCK, dtype=np.int64)
-    mu4 = np.zeros(BLOCK, dtype=np.int64)
-    jj = np.zeros(BLOCK, dtype=np.int64)
+    nv, feats, h1, h2, loc, uu, lu, mu4, jj = _block_buffers()
     ys = np.zeros(BLOCK, dtype=np.int64)
     xs = np.zeros(BLOCK, dtype=np.int64)
     npos = h * w
@@ -512,7 +543,7 @@ def phase_predictions(X, ph, level, bits, w1, b1, s1, w2, b2, s2, w3, b3, s3):
             ys[p] = 2 * (g // w) + ORIGIN_Y[ph]
             xs[p] = 2 * (g % w) + ORIGIN_X[ph]
         _network_block(X, H2, W2, ph, level, bits, ys, xs, nb, w1, b1, s1, w2, b2, s2, w3, b3, s3,
-                       feats, h1, h2, loc, uu, lu, mu4, jj)
+                       nv, feats, h1, h2, loc, uu, lu, mu4, jj)
         for p in range(nb):
             g = start + p
             out_m[g // w, g % w] = mu4[p]

@@ -33,7 +33,12 @@ class EngineWeights:
     limit: int
 
     def args(self):
-        return tuple(self.arrays[n] for n in WEIGHT_NAMES)
+        """The weights as the engine takes them: int32 (every partial sum is bounded below 2**24)."""
+        a = self.__dict__.get("_args")
+        if a is None:
+            a = tuple(np.ascontiguousarray(self.arrays[n], dtype=np.int32) for n in WEIGHT_NAMES)
+            object.__setattr__(self, "_args", a)
+        return a
 
 
 def parametric_prior(total: int = 2048) -> np.ndarray:
@@ -79,7 +84,48 @@ def _map(fn, items, threads: int | None):
     return list(pool.map(fn, items))
 
 
-def encode_plane(plane: np.ndarray, bits: int, w: EngineWeights) -> bytes:
+SPARSE_SHARE = 0.3        # a value map is tried when a plane uses less than this share of its value range
+
+
+def _varints(values) -> bytes:
+    out = bytearray()
+    for v in values:
+        v = int(v)
+        while True:
+            b = v & 0x7F
+            v >>= 7
+            out.append(b | (0x80 if v else 0))
+            if not v:
+                break
+    return bytes(out)
+
+
+def _read_varints(data: bytes, count: int, pos: int) -> tuple[list[int], int]:
+    vals = []
+    for _ in range(count):
+        v, shift = 0, 0
+        while True:
+            if pos >= len(data) or shift > 28:
+                raise BitstreamError("corrupt payload: truncated or overlong value map")
+            b = data[pos]
+            pos += 1
+            v |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        vals.append(v)
+    return vals, pos
+
+
+def _value_map_bytes(values: np.ndarray) -> bytes:
+    """The sorted distinct values as varints (count, first value, then each gap minus one), padded with
+    zero bytes to a multiple of 4."""
+    gaps = np.diff(values) - 1
+    m = _varints([len(values), int(values[0])]) + _varints(gaps)
+    return m + bytes(-len(m) % 4)
+
+
+def _code(plane: np.ndarray, bits: int, w: EngineWeights) -> bytes:
     p = np.ascontiguousarray(plane, dtype=np.int64)
     words, err = K.code_plane(p, False, np.zeros(0, np.uint16), int(bits), w.prior, w.increment, w.limit, *w.args())
     if err:
@@ -87,14 +133,53 @@ def encode_plane(plane: np.ndarray, bits: int, w: EngineWeights) -> bytes:
     return words.astype("<u2").tobytes()
 
 
+def encode_plane(plane: np.ndarray, bits: int, w: EngineWeights) -> bytes:
+    """Payload of one plane: u32 value-map length M, M bytes of value map, then the rANS words.
+
+    Why a value map: planes that use few of their values (sparse histograms: rescaled CT, graphics,
+    masks) code far better as indices into the sorted list of the values they use, as JPEG-XL's
+    channel palette does.  The encoder tries it when under ``SPARSE_SHARE`` of the range is used
+    and keeps whichever payload is smaller."""
+    plane = np.asarray(plane, dtype=np.int64)
+    plain = b"\0\0\0\0" + _code(plane, bits, w)
+    values = np.unique(plane)
+    if len(values) > 1 and len(values) < SPARSE_SHARE * (int(values[-1]) - int(values[0]) + 1):
+        index = np.searchsorted(values, plane)
+        vmap = _value_map_bytes(values)
+        mapped = len(vmap).to_bytes(4, "little") + vmap + _code(index, int(len(values) - 1).bit_length(), w)
+        if len(mapped) < len(plain):
+            return mapped
+    return plain
+
+
 def decode_plane(payload: bytes, rows: int, cols: int, bits: int, w: EngineWeights) -> np.ndarray:
-    if len(payload) % 4:
-        raise BitstreamError("corrupt payload: length is not a multiple of 4")
-    words = np.frombuffer(payload, dtype="<u2").astype(np.uint16)
+    if len(payload) % 4 or len(payload) < 4:
+        raise BitstreamError("corrupt payload: length is not a positive multiple of 4")
+    m = int.from_bytes(payload[:4], "little")
+    if m % 4 or 4 + m > len(payload):
+        raise BitstreamError("corrupt payload: value map length out of range")
+    values = None
+    if m:
+        (count,), pos = _read_varints(payload, 1, 4)
+        if not 2 <= count <= min(rows * cols, 1 << bits):
+            raise BitstreamError("corrupt payload: value map count out of range")
+        (first,), pos = _read_varints(payload, 1, pos)
+        gaps, pos = _read_varints(payload, count - 1, pos)
+        if pos > 4 + m or any(payload[pos:4 + m]):
+            raise BitstreamError("corrupt payload: value map overruns its length")
+        values = first + np.concatenate([[0], np.cumsum(np.asarray(gaps, dtype=np.int64) + 1)])
+        if values[-1] >= 1 << bits:
+            raise BitstreamError("corrupt payload: value map holds a value above the plane's bits")
+        bits = int(count - 1).bit_length()
+    words = np.frombuffer(payload, dtype="<u2", offset=4 + m).astype(np.uint16)
     out = np.zeros((rows, cols), dtype=np.int64)
     _, err = K.code_plane(out, True, words, int(bits), w.prior, w.increment, w.limit, *w.args())
     if err:
         raise BitstreamError(f"corrupt payload: {_ERRORS.get(err, err)}")
+    if values is not None:
+        if int(out.max(initial=0)) >= len(values):
+            raise BitstreamError("corrupt payload: an index beyond the value map")
+        out = values[out]
     return out
 
 
