@@ -14,6 +14,7 @@ from . import files as F
 def _init_worker():
     import torch
     torch.set_num_threads(1)
+    os.environ["DICOM_NNCODEC_THREADS"] = "1"        # one engine thread per worker process
 
 
 def _run_jobs(fn, pairs, workers: int, quiet: bool):

@@ -108,10 +108,23 @@ _ENGINE_SHAPES = {"w1": (3, EK.HIDDEN, EK.MAX_F), "b1": (3, EK.HIDDEN), "s1": (3
                   "w3": (3, 2, EK.HIDDEN), "b3": (3, 2), "s3": (3, 2)}
 
 
+def _check_engine_bounds(eng: dict) -> None:
+    """Refuse weights whose integer layers could leave the exact range: int8 weights, shifts within
+    [-15, 1], and every partial sum below 2**24 for any admissible input (|input| <= 127), so the
+    engine's int32 lanes and the float32 torch path compute the same integers."""
+    for layer in ("1", "2", "3"):
+        w, b, s = eng["w" + layer], eng["b" + layer], eng["s" + layer]
+        if np.abs(w).max() > 127 or s.min() < -15 or s.max() > 1:
+            raise ValueError(f"layer {layer}: weights outside int8 or shifts outside [-15, 1]")
+        bound = np.abs(w).sum(-1) * 127 + np.abs(b)
+        if bound.max() >= 1 << 24:
+            raise ValueError(f"layer {layer}: partial sums may reach {int(bound.max())} >= 2**24")
+
+
 def _read_pixel_mlp(header: dict, arrays: dict, digest: bytes) -> LoadedModel:
     cfg = header["config"]
     if cfg != _pixel_mlp_config(cfg.get("increment"), cfg.get("limit")) or not (
-            isinstance(cfg["increment"], int) and isinstance(cfg["limit"], int)
+            type(cfg["increment"]) is int and type(cfg["limit"]) is int
             and 1 <= cfg["increment"] <= 1 << 10 and 1 << 8 <= cfg["limit"] <= 1 << 24):
         raise ValueError(f"unknown pixel-MLP configuration {cfg}")
     want = {f"engine.{n}" for n in WEIGHT_NAMES} | {"tables.prior"}
@@ -125,6 +138,7 @@ def _read_pixel_mlp(header: dict, arrays: dict, digest: bytes) -> LoadedModel:
             raise ValueError(f"array engine.{n} has dtype {a.dtype} and shape {a.shape}; the model needs "
                              f"integers {_ENGINE_SHAPES[n]}")
         eng[n] = np.ascontiguousarray(a, dtype=np.int64)
+    _check_engine_bounds(eng)
     prior = arrays["tables.prior"]
     if prior.dtype.kind not in "iu" or prior.shape != (EK.NC, EK.NT) or int(prior.min()) < 1:
         raise ValueError("weights file has prior counts of the wrong dtype or shape, or a count below 1")

@@ -123,7 +123,7 @@ def test_foreign_frame():
 def test_newer_version(frame_and_bytes):
     _, data = frame_and_bytes
     bad = bytearray(data)
-    bad[4] = 2
+    bad[4] = max(B.VERSIONS) + 1
     with pytest.raises(BitstreamError, match="newer release"):
         codec.decode_frame(bytes(bad))
 

@@ -34,6 +34,7 @@ from dicom_nncodec.models import rnnconv as R
 from dicom_nncodec.pixels import COLOUR_DIRECT, COLOUR_RCT, GRAYSCALE, TRANSFORM_NONE, TRANSFORM_RCT, PixelFormat
 
 SPEC = Path(__file__).resolve().parents[1] / "conformance" / "PRIVATE_TRANSFER_SYNTAX.md"
+FORMAT_V1_MODEL = zoo.NEAR_LOSSLESS_MODEL      # sections 5 to 9 describe format version 1 and its models
 
 
 def _blocks() -> dict:
@@ -177,6 +178,11 @@ def test_weights_file_as_specified():
                 assert dtype == ("<f4" if name.startswith("encoder.") else "<i4"), name
             continue
         assert not model.lossy
+        if spec["config"].get("kind") == "pixel-mlp":
+            # section 12.10: integer engine weights and prior counts, format version 2
+            assert model.format_version == 2 and model.engine is not None
+            assert all(dtype == "<i4" for dtype, _ in spec["arrays"].values())
+            continue
         assert model.net.use_lstm == spec["config"]["use_lstm"]
         # section 4.2: the lstm.* arrays exist exactly when use_lstm is true
         assert any(name.startswith("lstm.") for name in spec["arrays"]) == spec["config"]["use_lstm"]
@@ -266,7 +272,7 @@ def test_qconv_integer_semantics():
 
 def test_entropy_constants():
     e = C["entropy"]
-    model = zoo.load_model(zoo.DEFAULT_LOSSLESS_MODEL)
+    model = zoo.load_model(FORMAT_V1_MODEL)
     t = model.tables
     assert entropy.QUARTERS == e["quarters"]
     assert entropy.FREQ_BITS == e["freq_bits"] and entropy.TAIL_UNITS == e["tail_units"]
@@ -299,7 +305,7 @@ def _spec_cdf(freqs) -> list[int]:
 
 
 def test_quantised_cdf_check_value():
-    t = zoo.load_model(zoo.DEFAULT_LOSSLESS_MODEL).tables
+    t = zoo.load_model(FORMAT_V1_MODEL).tables
     allc = []
     for i in range(len(t.offsets) - 1):
         cdf = _spec_cdf(t.freqs[t.offsets[i]:t.offsets[i + 1]].tolist())
@@ -342,7 +348,7 @@ def test_constriction_matches_the_annex_and_the_symbol_layout():
     """Residuals coded by the codec's StepEncoder (constriction) decode with the annex's range decoder,
     quantisation and symbol layout: adjustment, groups by table, symbols, low bits, escapes."""
     e = C["entropy"]
-    tables = zoo.load_model(zoo.DEFAULT_LOSSLESS_MODEL).tables
+    tables = zoo.load_model(FORMAT_V1_MODEL).tables
     rng = np.random.default_rng(5)
     bits = 12
     n = 300
@@ -400,7 +406,7 @@ def _spec_decode_step(dec: "_SpecRangeDecoder", tables, t, bits):
 
 
 def test_near_lossless_shift():
-    thresholds = zoo.load_model(zoo.DEFAULT_LOSSLESS_MODEL).net.thresholds
+    thresholds = zoo.load_model(FORMAT_V1_MODEL).net.thresholds
     for n, shift in C["near_lossless_shift"].items():
         assert codec._nl_shift(int(n), thresholds) == shift == int(np.floor(6 * np.log2(2 * int(n) + 1) + 1e-9))
 

@@ -39,8 +39,9 @@ NUM_SCALES = 133
 SCALE_INDEX_OFFSET = 36
 SCALES_PER_OCTAVE = 6
 CHUNK = 4096                    # grid positions between two table updates
-BLOCK = 256                      # positions whose network runs together (a multiple of nothing normative)
+BLOCK = 256                      # positions whose network runs together; not normative, but must divide CHUNK
 HIDDEN = 16
+assert CHUNK % BLOCK == 0, "table updates happen at block boundaries: BLOCK must divide CHUNK"
 MAX_K = 14
 MAX_F = MAX_K + 4
 LEAKY_SHIFT = 3

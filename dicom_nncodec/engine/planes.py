@@ -72,6 +72,8 @@ def default_threads() -> int:
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
+# a forked child (the command line's worker processes) inherits the pools but not their threads
+os.register_at_fork(after_in_child=_pools.clear)
 
 
 def _map(fn, items, threads: int | None):
