@@ -7,7 +7,12 @@ Allocated announce, fragments that do not parse, a private frame that fails
 its checksum, UIDs that are not UIDs) would fail there, later, with nobody to
 tell; refused here, the sender is told while it still holds the data.  Only
 structure is checked (the header, lengths, the encapsulation and the private
-frames' CRC-32): no pixels are decoded while the sender waits.
+frames' CRC-32): no pixels are decoded while the sender waits.  The pixel
+description must be single-valued (a second Photometric Interpretation would
+break whoever reads it as one value).  Native Pixel Data with *more* bytes
+than its description is not refused: the instance is kept exactly as received
+and never compressed or transcoded (:func:`pixel_surplus`), so that nothing it
+holds is cut off.
 
 Statuses (PS3.4 B.2.3, PS3.7 C): 0122H Refused: SOP Class not supported (the
 request names a class that is not a storage class, or not the one of its
@@ -174,7 +179,21 @@ def _count(ds, keyword: str, lo: int, hi: int, default: int | None = None) -> in
     return value
 
 
+# The Image Pixel module attributes the node and the codec read: each has Value Multiplicity 1
+# (PS3.3 C.7.6.3); a second value would be used by nobody and break whoever reads it as one.
+PIXEL_DESCRIPTION = ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                     "SamplesPerPixel", "PlanarConfiguration", "NumberOfFrames", "PhotometricInterpretation")
+
+
+def _single_valued(ds) -> None:
+    for keyword in PIXEL_DESCRIPTION:
+        if keyword in ds and ds[keyword].VM > 1:
+            raise StoreRefused(CANNOT_UNDERSTAND, f"{keyword} has {ds[keyword].VM} values; the pixel description "
+                                                  "allows one (VM 1)")
+
+
 def geometry(ds) -> Geometry:
+    _single_valued(ds)
     rows = _count(ds, "Rows", 1, 65535)
     columns = _count(ds, "Columns", 1, 65535)
     ba = _count(ds, "BitsAllocated", 1, 64)
@@ -194,6 +213,30 @@ def geometry(ds) -> Geometry:
     return Geometry(rows, columns, frames, samples, ba, photometric)
 
 
+def _native(transfer_syntax) -> bool:
+    ts = UID(str(transfer_syntax))
+    return dicom_nncodec.syntax.registered(ts) is None and not ts.is_encapsulated
+
+
+def pixel_surplus(ds, transfer_syntax) -> int:
+    """Bytes of native Pixel Data beyond what Rows x Columns x Frames x Samples x Bits Allocated describe
+    (the one pad byte of an odd length aside); 0 for encapsulated pixel data or none.  Such bytes are
+    kept: an instance with a surplus is stored and returned exactly as received, never compressed or
+    transcoded (coding the described pixels would drop them).  Raises StoreRefused for a description
+    that cannot be read."""
+    if "PixelData" not in ds or not _native(transfer_syntax):
+        return 0
+    need = geometry(ds).native_length()
+    length, _ = pixel_data_length(ds)
+    return max(0, length - (need + need % 2))
+
+
+def surplus_reason(surplus: int) -> str:
+    """Why an instance with a Pixel Data surplus is kept as received (its state reason, log lines, refusals)."""
+    return (f"Pixel Data holds {surplus} bytes more than its description: kept exactly as received, "
+            "never compressed or transcoded")
+
+
 def check_pixel_data(ds, transfer_syntax: str, max_pixels: int) -> None:
     """Pixel Data consistent with its description, and within ``limits.max_pixels``."""
     if "PixelData" not in ds:
@@ -205,7 +248,7 @@ def check_pixel_data(ds, transfer_syntax: str, max_pixels: int) -> None:
     length, undefined = pixel_data_length(ds)
     ts = UID(str(transfer_syntax))
     private = dicom_nncodec.syntax.registered(ts) is not None
-    if not private and not ts.is_encapsulated:
+    if _native(ts):
         if undefined:
             raise StoreRefused(CANNOT_UNDERSTAND, "native Pixel Data of undefined length")
         if length < g.native_length():

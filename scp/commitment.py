@@ -38,7 +38,7 @@ from dicom_nncodec import NNCodecLossless, codec
 from dicom_nncodec.dataset import encoded_frames
 from dicom_nncodec.pixels import PixelFormat
 
-from . import checks
+from . import checks, isolation
 from . import rules as R
 from .config import Config
 from .index import COMPRESSED, PENDING, Index
@@ -122,10 +122,11 @@ class Commitments:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                for c in self.index.due_commitments():
-                    if self._stopping.is_set():
-                        break
-                    self._handle(c)
+                with isolation.contained("handling storage commitment requests"):
+                    for c in self.index.due_commitments():
+                        if self._stopping.is_set():
+                            break
+                        self._handle(c)
             except Exception:
                 log.exception("storage commitment worker error")
             self._wake.wait(min(self.cfg.commitment_retry_seconds, 5.0))
@@ -212,7 +213,8 @@ class Commitments:
                 return PROCESSING_FAILURE, "the stored file does not have the size recorded"
             private = dicom_nncodec.syntax.registered(kept.transfer_syntax) is not None
             received_as_is = kept.transfer_syntax == kept.received_transfer_syntax
-            ds = dcmread(path, stop_before_pixels=not (private and (received_as_is or kept.state != COMPRESSED)))
+            with isolation.contained(f"reading stored {sop_uid}"):
+                ds = dcmread(path, stop_before_pixels=not (private and (received_as_is or kept.state != COMPRESSED)))
             if str(ds.SOPInstanceUID) != sop_uid:
                 return PROCESSING_FAILURE, "the stored file holds another SOP Instance UID"
         except FileNotFoundError:
@@ -221,10 +223,11 @@ class Commitments:
             return PROCESSING_FAILURE, f"the stored file cannot be read ({type(exc).__name__})"
         if "PixelData" in ds and private:
             try:            # not verified by this node's own compressor: decode every frame, check its CRC
-                dicom_nncodec.fix_transfer_syntax(ds)
-                codec.decode_frames(encoded_frames(ds), PixelFormat.from_dataset(ds), device=self.cfg.device,
-                                    batch_size=self.cfg.batch_size,
-                                    lossless_only=kept.transfer_syntax == NNCodecLossless)
+                with isolation.contained(f"decoding stored {sop_uid}"):
+                    dicom_nncodec.fix_transfer_syntax(ds)
+                    codec.decode_frames(encoded_frames(ds), PixelFormat.from_dataset(ds), device=self.cfg.device,
+                                        batch_size=self.cfg.batch_size,
+                                        lossless_only=kept.transfer_syntax == NNCodecLossless)
             except Exception as exc:
                 return PROCESSING_FAILURE, f"its frames do not decode ({exc})"
         return 0, ""

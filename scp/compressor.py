@@ -44,11 +44,11 @@ from dicom_nncodec import NNCodecLossless, NNCodecLossy, UnsupportedPixelData
 from dicom_nncodec.dataset import compression_ratio, encoded_frames
 from dicom_nncodec.pixels import PixelFormat
 
-from . import faults
+from . import checks, faults, isolation
 from . import rules as R
 from .ceilings import ratio_text
 from .config import Config
-from .index import FAILED, KEPT, Index, Job, header_json
+from .index import FAILED, KEPT, WATCHDOG, Index, Job, header_json
 from .storage import Storage
 
 log = logging.getLogger("scp.compressor")
@@ -64,6 +64,8 @@ class AboveCeiling(Exception):
 
 # how far a frame's ratio may be from the ratio asked (the codec's promise)
 RATIO_TOLERANCE = 0.10
+# how often the watchdog looks for a worker thread that ended (seconds)
+WATCHDOG_SECONDS = 1.0
 
 
 def _frames_array(ds: Dataset) -> np.ndarray:
@@ -98,6 +100,9 @@ def compress_verified(ds: Dataset, decision: R.Decision, device: str, batch_size
     dicom_nncodec.fix_transfer_syntax(ds)
     if "PixelData" not in ds:
         raise UnsupportedPixelData("no Pixel Data")
+    surplus = checks.pixel_surplus(ds, ds.file_meta.TransferSyntaxUID)
+    if surplus:          # coding the described pixels would drop the rest
+        raise UnsupportedPixelData(checks.surplus_reason(surplus))
     reference = _frames_array(ds)
     reference_bytes = _native_bytes(ds) if decision.action == R.LOSSLESS else None
     if decision.action == R.LOSSLESS:
@@ -150,19 +155,29 @@ class Compressor:
         self.cfg, self.index, self.storage = cfg, index, storage
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._workers: dict[int, threading.Thread] = {}     # worker number -> its thread
+        self._current: dict[int, Job] = {}                  # worker number -> the job it has claimed
+        self._watchdog: threading.Thread | None = None
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._paused = False
+        self.restarts = 0          # workers the watchdog replaced since start
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._stopping.clear()
         for i in range(self.cfg.workers):
-            t = threading.Thread(target=self._loop, name=f"nncodec-compress-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
+            if i not in self._workers or not self._workers[i].is_alive():
+                self._workers[i] = self._spawn(i)
+        if self.cfg.workers and (self._watchdog is None or not self._watchdog.is_alive()):
+            self._watchdog = threading.Thread(target=self._watch, name="nncodec-compress-watchdog", daemon=True)
+            self._watchdog.start()
+
+    def _spawn(self, i: int) -> threading.Thread:
+        t = threading.Thread(target=self._loop, args=(i,), name=f"nncodec-compress-{i}", daemon=True)
+        t.start()
+        return t
 
     def wake(self) -> None:
         self._wake.set()
@@ -173,11 +188,17 @@ class Compressor:
         self._stopping.set()
         self._wake.set()
         deadline = None if timeout is None else time.monotonic() + timeout
-        for t in self._threads:
+        if self._watchdog is not None:
+            self._watchdog.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        for t in self._workers.values():
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        alive = [t for t in self._threads if t.is_alive()]
-        self._threads = alive
-        return not alive
+        self._workers = {i: t for i, t in self._workers.items() if t.is_alive()}
+        return not self._workers
+
+    @property
+    def alive(self) -> int:
+        """Worker threads running now."""
+        return sum(t.is_alive() for t in self._workers.values())
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Wait until the queue is empty and no worker is busy (for tests and tools)."""
@@ -190,23 +211,61 @@ class Compressor:
             time.sleep(0.05)
         return False
 
+    # --- the watchdog -------------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Replace a worker thread that ended while the compressor runs (whatever ended it)."""
+        while not self._stopping.wait(WATCHDOG_SECONDS):
+            for i, t in list(self._workers.items()):
+                if t.is_alive() or self._stopping.is_set():
+                    continue
+                try:
+                    self._replace(i, t)
+                except Exception:      # never let the watchdog itself end
+                    log.exception("compression watchdog error")
+
+    def _replace(self, i: int, dead: threading.Thread) -> None:
+        job = self._current.pop(i, None)
+        self._workers[i] = self._spawn(i)
+        self.restarts += 1
+        what = f"compression worker {dead.name} died" + (f" while on {job.sop_uid}" if job else "")
+        log.error("%s; the watchdog started another", what)
+        self.index.record_failure(WATCHDOG, job.sop_uid if job else "", f"{what}; restarted by the watchdog")
+        if job is not None:        # (what ended the worker would end the next one too: not queued again)
+            self._give_up(job, "the compression worker died while on it")
+
+    def _give_up(self, job: Job, reason: str) -> None:
+        """Record a claimed job as failed (original kept) so that the queue moves on."""
+        log.warning("compression of %s failed, original kept: %s", job.sop_uid, reason)
+        try:
+            self.index.finish_unchanged(job, FAILED, reason)
+        except Exception as exc:        # the index is unreachable: the job stays claimed until the next start
+            log.error("compression of %s: the failure cannot be recorded (%s)", job.sop_uid, type(exc).__name__)
+
     # --- work ---------------------------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _loop(self, i: int) -> None:
         while not self._stopping.is_set():
+            job = None
+            with self._busy_lock:
+                self._busy += 1
             try:
-                with self._busy_lock:
-                    self._busy += 1
-                try:
-                    job = self.index.claim() if self._room() else None
-                    if job is not None and not self.process(job):
-                        job = None           # put back (cannot write now): wait before the next try
-                finally:
-                    with self._busy_lock:
-                        self._busy -= 1
-            except Exception:   # the index is unreachable or similar: log, wait, go on
-                log.exception("compression worker error")
+                job = self.index.claim() if self._room() else None
+                if job is not None:
+                    self._current[i] = job
+                    with isolation.contained(f"compressing {job.sop_uid}"):
+                        if not self.process(job):
+                            job = None       # put back (cannot write now): wait before the next try
+            except Exception as exc:
+                if job is None:     # the index is unreachable or similar: log, wait, go on
+                    log.exception("compression worker error")
+                else:               # anything the job raised that process() did not handle: record it, move on
+                    self._give_up(job, f"{type(exc).__name__}: {exc}")
                 job = None
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
+            self._current.pop(i, None)      # (not reached when the thread ends: the watchdog sees the job)
             if job is None:
                 self._wake.wait(self.cfg.poll_seconds)
                 self._wake.clear()
@@ -237,16 +296,17 @@ class Compressor:
             return True
         started = time.monotonic()
         try:
-            ds = dcmread(self.storage.abspath(job.path))
-            # the ceiling again, from the stored file's own attributes (the index holds the series')
-            decision = R.cap(decision, self.cfg.lossy_ceilings, _attribute(ds, "Modality"),
-                             _attribute(ds, "BodyPartExamined"))
-            try:
-                compress_verified(ds, decision, self.cfg.device, self.cfg.batch_size)
-            except AboveCeiling as exc:
-                decision = R.lossless_instead(decision, str(exc))
+            with isolation.contained(f"compressing {job.sop_uid}"):    # decoding what a peer sent
                 ds = dcmread(self.storage.abspath(job.path))
-                compress_verified(ds, decision, self.cfg.device, self.cfg.batch_size)
+                # the ceiling again, from the stored file's own attributes (the index holds the series')
+                decision = R.cap(decision, self.cfg.lossy_ceilings, _attribute(ds, "Modality"),
+                                 _attribute(ds, "BodyPartExamined"))
+                try:
+                    compress_verified(ds, decision, self.cfg.device, self.cfg.batch_size)
+                except AboveCeiling as exc:
+                    decision = R.lossless_instead(decision, str(exc))
+                    ds = dcmread(self.storage.abspath(job.path))
+                    compress_verified(ds, decision, self.cfg.device, self.cfg.batch_size)
         except UnsupportedPixelData as exc:     # also a ratio the codec cannot reach for this image
             at = f" at {ratio_text(decision.ratio)}" if decision.action == R.RATIO else ""
             self.index.finish_unchanged(job, KEPT, f"not supported by the codec{at}: {exc}")

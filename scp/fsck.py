@@ -46,7 +46,7 @@ from dicom_nncodec import NNCodecLossless, codec
 from dicom_nncodec.dataset import encoded_frames
 from dicom_nncodec.pixels import PixelFormat
 
-from . import checks
+from . import checks, isolation
 from . import config as C
 from .index import COMPRESSED, NOT_IMAGE, PENDING, QUEUED, RUNNING, Index, StoredRow, facts_from_dataset
 from .storage import TEMP, Locked, Storage
@@ -87,7 +87,8 @@ class Fsck:
         if size is not None and actual != size:
             return "size", f"{rel}: {actual} bytes, the index says {size}"
         try:
-            ds = dcmread(path)
+            with isolation.contained(f"reading {rel}"):
+                ds = dcmread(path)
             dicom_nncodec.fix_transfer_syntax(ds)
             ts = str(ds.file_meta.TransferSyntaxUID)
             uid = str(ds.SOPInstanceUID)
@@ -105,16 +106,18 @@ class Fsck:
             return ""
         if dicom_nncodec.syntax.registered(ts) is not None:
             try:
-                frames = encoded_frames(ds)
-                codec.decode_frames(frames, PixelFormat.from_dataset(ds), device=self.cfg.device,
-                                    batch_size=self.cfg.batch_size, lossless_only=ts == NNCodecLossless)
+                with isolation.contained(f"decoding {ds.get('SOPInstanceUID', '')}"):
+                    frames = encoded_frames(ds)
+                    codec.decode_frames(frames, PixelFormat.from_dataset(ds), device=self.cfg.device,
+                                        batch_size=self.cfg.batch_size, lossless_only=ts == NNCodecLossless)
                 self.frames += len(frames)
             except Exception as exc:
                 return f"{type(exc).__name__}: {exc}"
             return ""
         try:
-            checks.check_pixel_data(ds, ts, max_pixels=2**62)
-        except checks.StoreRefused as exc:
+            with isolation.contained(f"checking {ds.get('SOPInstanceUID', '')}"):
+                checks.check_pixel_data(ds, ts, max_pixels=2**62)
+        except (checks.StoreRefused, isolation.Panic) as exc:
             return str(exc)
         return ""
 

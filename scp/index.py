@@ -35,6 +35,9 @@ NOT_IMAGE = "not_image"      # no pixel data: nothing to compress
 QUEUED = "queued"
 RUNNING = "running"
 
+# Failure stage of a compression worker thread that ended and was replaced (shown by status)
+WATCHDOG = "watchdog"
+
 
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None)
@@ -141,7 +144,7 @@ class Failure(Base):
     __tablename__ = "failure"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[_dt.datetime] = mapped_column(default=_now, index=True)
-    stage: Mapped[str] = mapped_column(String(16))        # store, compress, retrieve
+    stage: Mapped[str] = mapped_column(String(16))        # store, compress, retrieve, watchdog
     sop_uid: Mapped[str] = mapped_column(String(64), default="")
     reason: Mapped[str] = mapped_column(Text)
 
@@ -393,19 +396,19 @@ class Index:
                 (Instance.sop_uid == sop_uid) | (Instance.original_sop_uid == sop_uid))).first()
 
     def add(self, f: InstanceFacts, path: str, size: int, calling_ae: str, policy: str,
-            state: str) -> IngestResult:
+            state: str, reason: str = "") -> IngestResult:
         """Record a durably written file.  ``policy`` decides about a second copy of a SOP Instance UID;
-        ``state`` is PENDING (queue it), COMPRESSED, KEPT or NOT_IMAGE."""
+        ``state`` is PENDING (queue it), COMPRESSED, KEPT or NOT_IMAGE, ``reason`` its state reason."""
         for attempt in range(3):
             try:
                 with self.writing() as s:
-                    return self._add(s, f, path, size, calling_ae, policy, state)
+                    return self._add(s, f, path, size, calling_ae, policy, state, reason)
             except IntegrityError:   # a concurrent insert of the same patient/study/series (PostgreSQL)
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    def _add(self, s: Session, f: InstanceFacts, path, size, calling_ae, policy, state) -> IngestResult:
+    def _add(self, s: Session, f: InstanceFacts, path, size, calling_ae, policy, state, reason="") -> IngestResult:
         inst = s.scalars(select(Instance).where(
             (Instance.sop_uid == f.sop_uid) | (Instance.original_sop_uid == f.sop_uid))).first()
         if inst is not None and policy != "replace":
@@ -445,7 +448,7 @@ class Index:
         inst.rows, inst.columns, inst.frames = f.rows, f.columns, f.frames
         inst.bits_stored, inst.photometric = f.bits_stored, f.photometric
         inst.calling_ae, inst.received_at = calling_ae, _now()
-        inst.state, inst.state_reason, inst.header = state, "", f.header
+        inst.state, inst.state_reason, inst.header = state, reason[:2000], f.header
         s.flush()
         queued = state == PENDING
         item = s.scalars(select(QueueItem).where(QueueItem.instance_pk == inst.id)).first()
@@ -644,10 +647,13 @@ class Index:
                       for name, model in (("patients", Patient), ("studies", Study), ("series", Series))}
             commitments = dict(s.execute(select(Commitment.state, func.count()).group_by(Commitment.state)).all())
             nfail = s.scalar(select(func.count()).select_from(Failure)) or 0
+            restarts, last_restart = s.execute(select(func.count(Failure.id), func.max(Failure.at))
+                                               .where(Failure.stage == WATCHDOG)).one()
             recent = s.execute(select(Failure.at, Failure.stage, Failure.sop_uid, Failure.reason)
                                .order_by(Failure.id.desc()).limit(10)).all()
         return {"instances": n, "received_bytes": int(rx), "stored_bytes": int(disk), "by_state": by_state,
-                "queue": queue, "commitments": commitments, "failures": nfail, "recent_failures": recent, **counts}
+                "queue": queue, "commitments": commitments, "failures": nfail, "recent_failures": recent,
+                "worker_restarts": restarts or 0, "last_worker_restart": last_restart, **counts}
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

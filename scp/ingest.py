@@ -8,7 +8,9 @@ this implementation.  It is staged in tmp/ first and checked there
 (:mod:`scp.checks`: UIDs, SOP class, pixel data against its description,
 private frames' checksums) so that nothing refused ever reaches objects/ and
 no second copy of a large data set is held in memory; the pixels are never
-decoded here.  A failure to write (a full disk, a read-only or unwritable
+decoded here.  Native Pixel Data with more bytes than its description is
+stored and kept exactly as received (state ``kept``, never compressed or
+transcoded), so that the surplus is returned as it came.  A failure to write (a full disk, a read-only or unwritable
 folder, an index that cannot commit) is answered A700: the sender may retry,
 and what was stored before is untouched.
 """
@@ -25,10 +27,10 @@ from pynetdicom.dsutils import encode_file_meta
 
 import dicom_nncodec
 
-from . import checks, faults
+from . import checks, faults, isolation
 from .checks import CANNOT_UNDERSTAND, DUPLICATE, OUT_OF_RESOURCES, SUCCESS, StoreRefused
 from .config import Config
-from .index import COMPRESSED, NOT_IMAGE, PENDING, Index, facts_from_dataset
+from .index import COMPRESSED, KEPT, NOT_IMAGE, PENDING, Index, facts_from_dataset
 from .storage import Storage
 
 log = logging.getLogger("scp.ingest")
@@ -87,7 +89,10 @@ class Ingest:
     def store(self, rx: Received) -> int:
         """Store one instance; returns the C-STORE status.  Refusals and failures are logged by UID."""
         try:
-            return self._store(rx)
+            # (a native decoder's panic while the data set is checked is a refusal like any other damage)
+            with isolation.contained("checking the received data set",
+                                     into=lambda why: StoreRefused(CANNOT_UNDERSTAND, why)):
+                return self._store(rx)
         except StoreRefused as exc:
             log.warning("C-STORE of %s from %s refused (0x%04X): %s", _shown(rx.sop_instance_uid), rx.calling_ae,
                         exc.status, exc)
@@ -121,6 +126,7 @@ class Ingest:
             ds = checks.read_header(staged.path, meta.TransferSyntaxUID == U.DeflatedExplicitVRLittleEndian)
             checks.check_identity(ds, rx.sop_class_uid, sop_uid)
             checks.check_pixel_data(ds, meta.TransferSyntaxUID, self.cfg.max_pixels)
+            surplus = checks.pixel_surplus(ds, meta.TransferSyntaxUID)
             try:
                 facts = facts_from_dataset(ds, meta.TransferSyntaxUID)
             except Exception as exc:
@@ -133,14 +139,18 @@ class Ingest:
             raise
         faults.point("ingest.renamed")
         policy = self.cfg.duplicates
+        reason = ""
         if not facts.is_image:
             state = NOT_IMAGE
         elif meta.TransferSyntaxUID == dicom_nncodec.NNCodecLossless:
             state = COMPRESSED
+        elif surplus:
+            state, reason = KEPT, checks.surplus_reason(surplus)
+            log.warning("%s from %s: %s", sop_uid, rx.calling_ae, reason)
         else:
             state = PENDING
         try:
-            result = self.index.add(facts, path, staged.size, rx.calling_ae, policy, state)
+            result = self.index.add(facts, path, staged.size, rx.calling_ae, policy, state, reason)
         except BaseException:
             self.storage.remove(path)
             raise

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.presentation import PresentationContext
 
-from . import query, transcode
+from . import isolation, query, transcode
 from .config import Config
 from .index import Index, Instance
 from .storage import Storage
@@ -98,9 +98,10 @@ class Retrieval:
     def prepare(self, item: Item, accepted: set, service: str, peer: str) -> Dataset:
         """The dataset to send for ``item``, or an :func:`unsendable` one (failure logged)."""
         try:
-            ds = self._read(item)
-            return transcode.for_receiver(ds, accepted, self.cfg.retrieve_syntaxes, self.cfg.device,
-                                          self.cfg.batch_size)
+            with isolation.contained(f"preparing {item.sop_uid} for {peer}"):
+                ds = self._read(item)
+                return transcode.for_receiver(ds, accepted, self.cfg.retrieve_syntaxes, self.cfg.device,
+                                              self.cfg.batch_size)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             log.warning("%s sub-operation for %s to %s failed: %s", service, item.sop_uid, peer, reason)

@@ -59,6 +59,9 @@ def report_for(cfg: C.Config) -> str:
         f"queue    {sum(queue.values())} ({queue.get('queued', 0)} waiting, {queue.get('running', 0)} in progress)",
         "commit   " + (", ".join(f"{n} {state.replace('_', ' ')}" for state, n in sorted(st["commitments"].items()))
                            or "no storage commitment requests"),
+        "watchdog " + (f"{st['worker_restarts']} compression worker restarts, the last at "
+                       f"{st['last_worker_restart']:%Y-%m-%d %H:%M:%S}" if st["worker_restarts"]
+                       else "no compression worker restarts"),
         f"failures {st['failures']} recorded" + (", most recent first:" if st["recent_failures"] else ""),
     ]
     for at, stage, uid, reason in st["recent_failures"]:

@@ -250,6 +250,21 @@ def send_raw(port: int, items: Iterable[tuple[str, str, str, bytes]], calling_ae
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def exchange(assoc, primitive, context_id: int):
+    """Send one DIMSE request primitive exactly as built (however malformed) on an established requestor
+    association and wait up to the association's DIMSE timeout for the next message: the response
+    primitive (of whatever type came back), or None when nothing came."""
+    assoc._reactor_checkpoint.clear()           # (as pynetdicom's send_* do: the reactor must not take the answer)
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        assoc.dimse.send_msg(primitive, context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+        return rsp
+    finally:
+        assoc._reactor_checkpoint.set()
+
+
 def encoded(ds: Dataset, implicit: bool = False) -> bytes:
     """``ds`` encoded as a C-STORE would carry it (little endian; explicit VR unless ``implicit``)."""
     from pydicom.filebase import DicomBytesIO

@@ -6,7 +6,10 @@ the private syntaxes must still get every stored instance.  The rule
 accepted the stored syntax gets the stored encoding as it is; otherwise the
 pixels are decoded and re-encoded in the first syntax of the configured
 preference that it accepted.  Every target here is lossless, so a receiver
-gets exactly the stored pixels.
+gets exactly the stored pixels.  An instance whose native Pixel Data holds
+more bytes than its description goes only to a receiver that accepted an
+uncompressed syntax of its byte order, exactly as stored (decoding would drop
+the surplus).
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from pydicom.uid import UID
 
 import dicom_nncodec
 from dicom_nncodec import NNCodecLossless, NNCodecLossy
+
+from . import checks, isolation
 
 log = logging.getLogger("scp.transcode")
 
@@ -152,7 +157,15 @@ def for_receiver(ds: Dataset, accepted: set, preference: Iterable[UID], device: 
     if targets[0] == stored:
         return ds
     try:
-        native = decoded(ds, device, batch_size)
+        surplus = checks.pixel_surplus(ds, stored)
+    except checks.StoreRefused as exc:
+        raise TranscodeError(f"the stored pixel description cannot be read: {exc}") from None
+    if surplus:          # decoding would drop the bytes beyond the description
+        raise TranscodeError(f"{checks.surplus_reason(surplus)}; the receiver did not accept "
+                             f"{stored.name}")
+    try:
+        with isolation.contained(f"decoding stored {stored.name} pixel data"):
+            native = decoded(ds, device, batch_size)
     except Exception as exc:
         raise TranscodeError(f"cannot decode the stored {stored.name} pixel data: {exc}") from exc
     reasons = []
@@ -160,7 +173,8 @@ def for_receiver(ds: Dataset, accepted: set, preference: Iterable[UID], device: 
         if target == stored:
             continue
         try:
-            return encode_as(native, target, device, batch_size)
+            with isolation.contained(f"encoding in {target.name}"):
+                return encode_as(native, target, device, batch_size)
         except Exception as exc:   # an encoder that cannot take this image: try the next target
             reasons.append(f"{target.name}: {exc}")
     raise TranscodeError("; ".join(reasons))

@@ -10,10 +10,13 @@ thread for the handshake (bounded by ``acse_timeout``), its socket a timeout
 (``network_timeout``), and its reads two limits: a PDU longer than
 ``max_pdu_size`` closes the connection, and data-set bytes beyond
 ``max_instance_mb`` in one message are dropped as they arrive (the message still
-completes, and the C-STORE handler answers A700 for it).  pynetdicom is pinned
-to 3.0.x; the two names used from its internals are ``AssociationSocket.recv``
-(called with 6, then with the PDU length) and the request handler's
-``_create_association``.
+completes, and the C-STORE handler answers A700 for it).  Every C-STORE
+request gets a C-STORE response (:class:`NodeAssociation`), also one that
+pynetdicom would ignore or give to another service.  pynetdicom is pinned to
+3.0.x; the names used from its internals are ``AssociationSocket.recv``
+(called with 6, then with the PDU length), the request handler's
+``_create_association`` and the association's ``_serve_request`` (with its
+``_accepted_cx``, ``_sent_release`` and ``_is_paused``).
 """
 from __future__ import annotations
 
@@ -24,8 +27,12 @@ import struct
 import threading
 from datetime import datetime
 
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from . import checks
 from . import config as C
 
 log = logging.getLogger("scp.transport")
@@ -160,9 +167,48 @@ class GuardedSocket(AssociationSocket):
         return out
 
 
+# --- C-STORE requests pynetdicom would not give to the Storage service ----------------------------------
+
+def _misrouted_store(msg) -> bool:
+    """A C-STORE request that pynetdicom would drop without an answer (a required command element, such as
+    the Affected SOP Instance UID, empty or missing) or hand to the service of its Affected SOP Class UID
+    (a C-ECHO response for the Verification class, an abort for a query model)."""
+    if not isinstance(msg, C_STORE) or msg.MessageIDBeingRespondedTo is not None or msg.Status is not None:
+        return False       # (a response)
+    return not msg.is_valid_request or str(msg.AffectedSOPClassUID or "") not in checks.STORAGE_CLASSES
+
+
+class NodeAssociation(Association):
+    """An acceptor's association that answers every C-STORE request with a C-STORE response.
+
+    pynetdicom picks the service for a request by its Affected SOP Class UID, not by the message type
+    or the presentation context, and ignores a request that lacks a required element; such a request
+    is given to the Storage service here, whose handler (``scp.handlers.handle_store``, through
+    ``scp.checks.check_request``) refuses it with a failure status and a log line."""
+
+    def _serve_request(self, msg, context_id: int) -> None:
+        if not _misrouted_store(msg) or self._sent_release or context_id not in self._accepted_cx:
+            super()._serve_request(msg, context_id)       # (an unknown context: pynetdicom aborts)
+            return
+        if msg.MessageID is None:      # no Message ID to answer to: the peer is told by an abort, not silence
+            log.warning("C-STORE request from %s without a Message ID: association aborted", self.requestor.address)
+            self.abort()
+            return
+        try:
+            self.dimse.cancel_req = {}
+            self._is_paused = True
+            StorageServiceClass(self).SCP(msg, self._accepted_cx[context_id])
+            self._is_paused = False
+        except Exception:
+            log.exception("C-STORE request from %s could not be answered: association aborted",
+                          self.requestor.address)
+            self.abort()
+
+
 class _Handler(RequestHandler):
     def _create_association(self):
         assoc = super()._create_association()
+        assoc.__class__ = NodeAssociation
         sock = assoc.dul.socket
         sock.__class__ = GuardedSocket           # (constructing a second socket would queue a second Evt5)
         sock.guard(*self.server.limits)
