@@ -180,6 +180,30 @@ def _token(zz):
 # the network over a block of positions
 
 @njit(cache=True, nogil=True)
+def _dense_leaky(x, n_in, out, w, b, s, ph, nb):
+    """One integer layer over a block: out = clamp(leaky(shift(w . x + b)), +-127), per output channel."""
+    for o in range(HIDDEN):
+        bias = b[ph, o]
+        for p in range(nb):
+            out[o, p] = bias
+        for k in range(n_in):
+            wk = w[ph, o, k]
+            for p in range(nb):
+                out[o, p] += wk * x[k, p]
+        sh = s[ph, o]
+        if sh >= 0:
+            for p in range(nb):
+                v = out[o, p] << sh
+                v = v >> LEAKY_SHIFT if v < 0 else v
+                out[o, p] = min(max(v, -127), 127)
+        else:
+            for p in range(nb):
+                v = out[o, p] >> -sh
+                v = v >> LEAKY_SHIFT if v < 0 else v
+                out[o, p] = min(max(v, -127), 127)
+
+
+@njit(cache=True, nogil=True)
 def _network_block(X, H2, W2, ph, level, bits, ys, xs, nb, w1, b1, s1, w2, b2, s2, w3, b3, s3,
                    nv, feats, h1, h2, loc, uu, lu, mu4, jj):
     """Features, the two integer layers and the head for ``nb`` positions (level coordinates ys, xs).
@@ -223,46 +247,8 @@ def _network_block(X, H2, W2, ph, level, bits, ys, xs, nb, w1, b1, s1, w2, b2, s
         feats[K + 1, p] = li if li < 127 else 127
         feats[K + 2, p] = 8 * lev
         feats[K + 3, p] = 4 * bits
-    # layer 1
-    for o in range(HIDDEN):
-        b = b1[ph, o]
-        for p in range(nb):
-            h1[o, p] = b
-        for k in range(F):
-            w = w1[ph, o, k]
-            for p in range(nb):
-                h1[o, p] += w * feats[k, p]
-        sh = s1[ph, o]
-        if sh >= 0:
-            for p in range(nb):
-                v = h1[o, p] << sh
-                v = v >> LEAKY_SHIFT if v < 0 else v
-                h1[o, p] = min(max(v, -127), 127)
-        else:
-            for p in range(nb):
-                v = h1[o, p] >> -sh
-                v = v >> LEAKY_SHIFT if v < 0 else v
-                h1[o, p] = min(max(v, -127), 127)
-    # layer 2
-    for o in range(HIDDEN):
-        b = b2[ph, o]
-        for p in range(nb):
-            h2[o, p] = b
-        for k in range(HIDDEN):
-            w = w2[ph, o, k]
-            for p in range(nb):
-                h2[o, p] += w * h1[k, p]
-        sh = s2[ph, o]
-        if sh >= 0:
-            for p in range(nb):
-                v = h2[o, p] << sh
-                v = v >> LEAKY_SHIFT if v < 0 else v
-                h2[o, p] = min(max(v, -127), 127)
-        else:
-            for p in range(nb):
-                v = h2[o, p] >> -sh
-                v = v >> LEAKY_SHIFT if v < 0 else v
-                h2[o, p] = min(max(v, -127), 127)
+    _dense_leaky(feats, F, h1, w1, b1, s1, ph, nb)
+    _dense_leaky(h1, HIDDEN, h2, w2, b2, s2, ph, nb)
     # head: location offset m and log-scale offset s (Q4), then mu4 and j
     for p in range(nb):
         h1[0, p] = b3[ph, 0]

@@ -7,7 +7,6 @@ independent of every other, so the bytes never depend on the thread count.
 """
 from __future__ import annotations
 
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,17 +52,10 @@ def parametric_prior(total: int = 2048) -> np.ndarray:
         p = 1 / (1 + np.exp(-(r + 0.5) / s)) - 1 / (1 + np.exp(-(r - 0.5) / s))
         z = r >> k
         zz = np.where(z >= 0, 2 * z, -2 * z - 1)
-        tok = np.array([_token_py(int(v)) for v in zz])
+        tok = np.array([K._token(int(v))[0] for v in zz])
         mass = np.bincount(tok, weights=p, minlength=K.NT)[:K.NT]
         prior[c] += np.floor(mass / mass.sum() * (total - K.NT)).astype(np.int64)
     return prior
-
-
-def _token_py(zz: int) -> int:
-    if zz < K.DIRECT:
-        return zz
-    e = zz.bit_length() - 1
-    return K.DIRECT + 2 * (e - 4) + ((zz >> (e - 1)) & 1)
 
 
 def default_threads() -> int:
@@ -200,5 +192,3 @@ def mlp_macs_per_pixel() -> int:
     f = max(K.feature_count(p) for p in range(3))
     return f * K.HIDDEN + K.HIDDEN * K.HIDDEN + 2 * K.HIDDEN
 
-
-_ = math  # math kept for readers of parametric_prior's float64 arithmetic
