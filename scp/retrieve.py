@@ -13,6 +13,8 @@ List.  The real cause is logged here and recorded in the index.
 from __future__ import annotations
 
 import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -20,6 +22,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.presentation import PresentationContext
+
+from dicom_nncodec.engine import default_threads
 
 from . import isolation, query, transcode
 from .config import Config
@@ -109,14 +113,37 @@ class Retrieval:
             return unsendable(item)
 
     def sub_operations(self, items: list[Item], accepted_for: Callable[[str], set], is_cancelled: Callable[[], bool],
-                       service: str, peer: str) -> Iterator[tuple[int, Dataset | None]]:
-        """(status, dataset) pairs for pynetdicom: Pending with each dataset, or Cancel."""
-        for item in items:
-            if is_cancelled():
-                log.info("%s from %s cancelled", service, peer)
-                yield 0xFE00, None
-                return
-            yield 0xFF00, self.prepare(item, accepted_for(item.sop_class_uid), service, peer)
+                       service: str, peer: str, workers: int | None = None) -> Iterator[tuple[int, Dataset | None]]:
+        """(status, dataset) pairs for pynetdicom: Pending with each dataset, or Cancel.
+
+        Why a pool: decoding is most of the time of a retrieval, and the engine releases the GIL, so
+        the instances after the one being sent are read and transcoded in ``workers`` threads while
+        it goes on the wire (the first instance leaves as soon as it is ready, not after the last).
+        At most twice ``workers`` prepared instances wait in memory; order is kept."""
+        workers = max(1, default_threads() if workers is None else workers)
+        pending: deque = deque()
+        todo = iter(items)
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="nncodec-retrieve")
+
+        def top_up() -> None:
+            while len(pending) < 2 * workers:
+                item = next(todo, None)
+                if item is None:
+                    return
+                pending.append(pool.submit(self.prepare, item, accepted_for(item.sop_class_uid), service, peer))
+
+        try:
+            top_up()
+            while pending:
+                if is_cancelled():
+                    log.info("%s from %s cancelled", service, peer)
+                    yield 0xFE00, None
+                    return
+                ds = pending.popleft().result()
+                top_up()
+                yield 0xFF00, ds
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def accepted_syntaxes(assoc, sop_class_uid: str) -> set:

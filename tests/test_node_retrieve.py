@@ -179,3 +179,60 @@ def test_get_picks_a_producible_syntax_when_the_requestor_offers_several_in_one_
                           [JPEGLosslessSV1, HTJ2KLossless, ExplicitVRLittleEndian])
     assert (final.Status, final.NumberOfCompletedSuboperations) == (0, 3)
     check_received(received, ExplicitVRLittleEndian)
+
+
+def _items(node):
+    from scp.retrieve import Item
+    with node.index.session() as s:
+        return [Item(i.sop_uid, i.sop_class_uid, i.path, i.transfer_syntax) for i in s.query(Instance)]
+
+
+def test_sub_operations_decode_ahead_in_parallel_and_keep_the_order(node):
+    """The stored (compressed) instances are transcoded by a pool while earlier ones are sent: the
+    first dataset is handed out while a later one is still being prepared, on another thread."""
+    import threading
+    import time
+    items = _items(node) * 2
+    retrieval, real_prepare = node.services.retrieval, node.services.retrieval.prepare
+    first_sent = threading.Event()
+    threads, prepared_before_first_sent = set(), []
+
+    def prepare(item, accepted, service, peer):
+        threads.add(threading.current_thread().name)
+        if item is items[-1]:
+            # the last instance cannot finish before the first has been handed to pynetdicom
+            assert first_sent.wait(60)
+        prepared_before_first_sent.append(first_sent.is_set())
+        return real_prepare(item, accepted, service, peer)
+
+    retrieval.prepare = prepare
+    try:
+        out = []
+        for status, ds in retrieval.sub_operations(items, lambda sc: {ExplicitVRLittleEndian}, lambda: False,
+                                                  "C-GET", "TEST", workers=2):
+            assert status == 0xFF00
+            out.append(ds)
+            if not first_sent.is_set():
+                # the instances behind the first are prepared while it waits to be sent
+                deadline = time.monotonic() + 60
+                while len(prepared_before_first_sent) < 3 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                first_sent.set()
+    finally:
+        del retrieval.prepare
+    assert [ds.SOPInstanceUID for ds in out] == [it.sop_uid for it in items]
+    for ds in out:
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert np.array_equal(ds.pixel_array, BY_UID[ds.SOPInstanceUID].pixel_array)
+    assert len(threads) == 2 and all(t.startswith("nncodec-retrieve") for t in threads)
+    assert prepared_before_first_sent[:3] == [False, False, False]
+
+
+def test_sub_operations_stop_at_cancel_without_sending_the_rest(node):
+    items = _items(node) * 3
+    seen = []
+    ops = node.services.retrieval.sub_operations(items, lambda sc: {ExplicitVRLittleEndian},
+                                                 lambda: len(seen) >= 2, "C-GET", "TEST", workers=2)
+    for status, ds in ops:
+        seen.append((status, ds))
+    assert [s for s, _ in seen] == [0xFF00, 0xFF00, 0xFE00] and seen[-1][1] is None

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import BitstreamError
-from . import kernels as K
+from . import default_threads, kernels as K
 
 WEIGHT_NAMES = ("w1", "b1", "s1", "w2", "b2", "s2", "w3", "b3", "s3")
 _ERRORS = {K.ERR_TRUNCATED: "truncated payload", K.ERR_RANGE: "a decoded pixel falls outside the plane's range",
@@ -56,11 +56,6 @@ def parametric_prior(total: int = 2048) -> np.ndarray:
         mass = np.bincount(tok, weights=p, minlength=K.NT)[:K.NT]
         prior[c] += np.floor(mass / mass.sum() * (total - K.NT)).astype(np.int64)
     return prior
-
-
-def default_threads() -> int:
-    env = os.environ.get("DICOM_NNCODEC_THREADS")
-    return max(1, int(env)) if env else max(1, os.cpu_count() or 1)
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
