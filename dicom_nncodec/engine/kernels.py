@@ -45,6 +45,8 @@ assert CHUNK % BLOCK == 0, "table updates happen at block boundaries: BLOCK must
 MAX_K = 14
 MAX_F = MAX_K + 4
 LEAKY_SHIFT = 3
+LUT_SHIFT = 9                   # decoder's token search starts from a table over slot >> LUT_SHIFT (not normative)
+LUT_SIZE = TOTAL >> LUT_SHIFT
 ERR_OK, ERR_TRUNCATED, ERR_RANGE, ERR_TRAILING = 0, 1, 2, 3
 
 # Neighbour offsets (row, column) in the level's coordinates, per phase D, B, C; the first four are
@@ -107,7 +109,10 @@ def _log_index(u, thr):
 # adaptive tables
 
 @njit(cache=True, nogil=True)
-def _build(counts, freq, cdf, c):
+def _build(counts, freq, cdf, lut, c):
+    """Frequencies (summing to 2**PREC, each at least 1, the rounding spare to the likeliest token),
+    their cumulative starts, and the decoder's search table: for each slot bucket, the token holding
+    the bucket's first slot, so a token search takes a step or two instead of a scan."""
     total = 0
     best = 0
     for t in range(NT):
@@ -126,18 +131,23 @@ def _build(counts, freq, cdf, c):
         cdf[c, t] = acc
         acc += freq[c, t]
     cdf[c, NT] = acc
+    t = 0
+    for b in range(LUT_SIZE):
+        while cdf[c, t + 1] <= (b << LUT_SHIFT):
+            t += 1
+        lut[c, b] = t
 
 
 @njit(cache=True, nogil=True)
-def init_tables(prior, counts, freq, cdf):
+def init_tables(prior, counts, freq, cdf, lut):
     for c in range(NC):
         for t in range(NT):
             counts[c, t] = prior[c, t]
-        _build(counts, freq, cdf, c)
+        _build(counts, freq, cdf, lut, c)
 
 
 @njit(cache=True, nogil=True)
-def update_tables(counts, hist, freq, cdf, inc, limit):
+def update_tables(counts, hist, freq, cdf, lut, inc, limit):
     """After every CHUNK grid positions: add the chunk's token counts (times ``inc``), halve a table
     whose total exceeds ``limit``, and rebuild the tables that changed."""
     for c in range(NC):
@@ -156,7 +166,7 @@ def update_tables(counts, hist, freq, cdf, inc, limit):
             for t in range(NT):
                 counts[c, t] = (counts[c, t] + 1) >> 1
                 total += counts[c, t]
-        _build(counts, freq, cdf, c)
+        _build(counts, freq, cdf, lut, c)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -392,7 +402,8 @@ def code_plane(plane, decode, words, bits, prior, inc, limit,
     hist = np.zeros((NC, NT), dtype=np.int64)
     freq = np.zeros((NC, NT), dtype=np.int64)
     cdf = np.zeros((NC, NT + 1), dtype=np.int64)
-    init_tables(prior, counts, freq, cdf)
+    lut = np.zeros((NC, LUT_SIZE), dtype=np.int64)
+    init_tables(prior, counts, freq, cdf, lut)
     cap = 6 * h0 * w0 + 64
     sym_cum = np.empty(0 if decode else cap, dtype=np.int64)
     sym_freq = np.empty(0 if decode else cap, dtype=np.int64)
@@ -455,7 +466,7 @@ def code_plane(plane, decode, words, bits, prior, inc, limit,
                     flip = (m4 & 3) == 1
                     if decode:
                         slot = x & (TOTAL - 1)
-                        t = 0
+                        t = lut[c, slot >> LUT_SHIFT]
                         while cdf[c, t + 1] <= slot:
                             t += 1
                         x = freq[c, t] * (x >> PREC) + slot - cdf[c, t]
@@ -497,7 +508,7 @@ def code_plane(plane, decode, words, bits, prior, inc, limit,
                         hist[c, t] += 1
                 since += nb
                 if since >= CHUNK or start + nb >= npos:
-                    update_tables(counts, hist, freq, cdf, inc, limit)
+                    update_tables(counts, hist, freq, cdf, lut, inc, limit)
                     since = 0
         level_img = X[:H, :W].copy()
     if decode:
