@@ -131,9 +131,11 @@ def encode_plane(plane: np.ndarray, bits: int, w: EngineWeights) -> bytes:
     and keeps whichever payload is smaller."""
     plane = np.asarray(plane, dtype=np.int64)
     plain = b"\0\0\0\0" + _code(plane, bits, w)
-    values = np.unique(plane)
+    low = int(plane.min(initial=0))
+    used = np.bincount((plane - low).ravel()) > 0      # a histogram: planes hold at most 16-bit values
+    values = np.flatnonzero(used) + low
     if len(values) > 1 and len(values) < SPARSE_SHARE * (int(values[-1]) - int(values[0]) + 1):
-        index = np.searchsorted(values, plane)
+        index = (np.cumsum(used) - 1)[plane - low]
         vmap = _value_map_bytes(values)
         mapped = len(vmap).to_bytes(4, "little") + vmap + _code(index, int(len(values) - 1).bit_length(), w)
         if len(mapped) < len(plain):
