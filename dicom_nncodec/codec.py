@@ -1,10 +1,16 @@
 """Frames in, bytes out, and back: the learned codec behind both transfer syntaxes.
 
-Why batches: the network runs once per pyramid step for a whole batch of
-same-sized planes (the frames of a multi-frame object, the components of a
-colour frame), which is what makes CPU and GPU fast.  Results never depend
-on the batch: every plane has its own range-coded stream and every number
-that reaches the coder is an integer computed exactly.
+This module dispatches by mode and format version, writes and checks the frame
+header and the pixel CRC; the coding itself lives in its own rooms, imported
+when a frame needs them (so ``import dicom_nncodec`` and reading a header stay
+light):
+
+* format version 2, lossless: the compiled engine (``engine/``, numba);
+* format version 1, lossless and near-lossless: the torch pyramid (``pyramid_coder``);
+* lossy: the RNN-Conv model (``lossy``).
+
+Results never depend on the batch or the thread count: every plane has its own
+coded stream and every number that reaches a coder is an integer computed exactly.
 
 Thread safety: encode and decode may run in several threads at once; models,
 networks and probability tables are shared read-only.
@@ -20,26 +26,21 @@ import zlib
 from typing import Iterable, Sequence
 
 import numpy as np
-import torch
 
 from . import bitstream as B
-from .entropy import SCALE_ADJUST_BITS, SCALE_ADJUST_ZERO, StepDecoder, StepEncoder
 from .errors import BitstreamError, NNCodecError, UnsupportedPixelData
-from .models import pyramid as P
-from .models.context_model import PyramidRun
 from .pixels import PixelFormat, from_planes, to_planes
-from .engine import planes as EP
-from .lossy import LossyPlanes
 from .zoo import NEAR_LOSSLESS_MODEL, LoadedModel, default_lossy_model, default_model, load_model
 
 MAX_NEAR_LOSSLESS_ERROR = B.MAX_ERROR
 DEFAULT_BATCH = 8
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto`` picks CUDA when present.  On CUDA, TF32 and non-deterministic
-    algorithms are switched off: the integer-valued float32 convolutions are
-    exact only in IEEE float32."""
+def resolve_device(device):
+    """The torch device the version-1 and lossy networks run on.  ``auto`` picks CUDA when present.
+    On CUDA, TF32 and non-deterministic algorithms are switched off: the integer-valued float32
+    convolutions are exact only in IEEE float32."""
+    import torch
     name = str(device or "auto")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,104 +53,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     return dev
-
-
-def _nl_shift(max_error: int, thresholds: torch.Tensor) -> int:
-    """Scale-index shift for residuals quantised by 2N+1: floor(Q*log2(2N+1)), by table lookup."""
-    return int(torch.bucketize(torch.tensor([2 * max_error + 1]), thresholds, right=True)[0])
-
-
-def _positions(mask: torch.Tensor):
-    """The coded positions of a step (raster order); None when every position is coded."""
-    return None if bool(mask.all()) else mask.nonzero(as_tuple=True)
-
-
-def _gather(t: torch.Tensor, sel) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1) if sel is None else t[:, sel[0], sel[1]]
-
-
-def _scatter(fill: torch.Tensor, sel, values: np.ndarray, dev) -> torch.Tensor:
-    """The step's grid: decoded values at coded positions, ``fill`` at pad positions."""
-    v = torch.as_tensor(values, device=dev)
-    if sel is None:
-        return v.reshape(fill.shape)
-    out = fill.clone()
-    out[:, sel[0], sel[1]] = v
-    return out
-
-
-class _PlaneBatch:
-    """Runs the pyramid over a batch of planes, encoding (``x`` given) or decoding (``payloads`` given)."""
-
-    def __init__(self, model: LoadedModel, dev, bits: np.ndarray, shape, max_error: int):
-        self.model, self.dev, self.max_error = model, dev, max_error
-        self.bits = bits
-        self.n = len(bits)
-        self.sizes = P.level_sizes(*shape)
-        self.net = model.net_on(dev)
-        self.nl_shift = _nl_shift(max_error, model.net.thresholds) if max_error else 0
-
-    def _residual_params(self, pred, sel):
-        mu4 = _gather(pred.mu4, sel).cpu().numpy()
-        j = _gather(pred.j, sel).cpu().numpy()
-        if self.max_error:
-            return (mu4 + 2) >> 2, np.clip(j - self.nl_shift, 0, P.NUM_SCALES - 1), np.zeros_like(j)
-        return mu4 >> 2, j, mu4 & 3
-
-    def encode(self, x: torch.Tensor) -> tuple[list[bytes], torch.Tensor]:
-        levels = P.level_images(x, self.sizes)
-        coders = [StepEncoder(self.model.tables) for _ in range(self.n)]
-        base = levels[-1].cpu().numpy().reshape(self.n, -1)
-        for i, c in enumerate(coders):
-            c.encode_uniform(base[i], int(self.bits[i]))
-        step = 2 * self.max_error + 1
-        maxv = torch.as_tensor((1 << self.bits) - 1, device=self.dev).view(-1, 1, 1)
-
-        def code_step(phase, level, pred, mask):
-            orig = P.split_phases(levels[level], self.sizes[level + 1])[phase]
-            sel = _positions(mask)
-            loc, j, f = self._residual_params(pred, sel)
-            xo = _gather(orig, sel).cpu().numpy()
-            r = xo - loc
-            if self.max_error:
-                q = np.sign(r) * ((np.abs(r) + self.max_error) // step)
-                rec = np.clip(loc + q * step, 0, ((1 << self.bits) - 1)[:, None])
-                r = q
-            else:
-                rec = xo
-            for i, c in enumerate(coders):
-                b = int(self.bits[i])
-                d = self.model.tables.choose_adjustment(r[i], j[i], f[i], b) if len(r[i]) else 0
-                c.encode_uniform(np.array([d + SCALE_ADJUST_ZERO]), SCALE_ADJUST_BITS)
-                c.encode_residuals(r[i], np.clip(j[i] + d, 0, P.NUM_SCALES - 1), f[i], b)
-            return _scatter(torch.minimum(pred.rounded_loc.clamp_min(0), maxv), sel, rec, self.dev)
-
-        with torch.no_grad():
-            recon = PyramidRun(self.net, torch.as_tensor(self.bits, device=self.dev), self.sizes,
-                               integer=True).run(levels[-1], code_step)
-        return [c.finish() for c in coders], recon
-
-    def decode(self, payloads: Sequence[bytes]) -> torch.Tensor:
-        coders = [StepDecoder(self.model.tables, p) for p in payloads]
-        hb, wb = self.sizes[-1]
-        base = np.stack([c.decode_uniform(hb * wb, int(b)) for c, b in zip(coders, self.bits)]).reshape(self.n, hb, wb)
-        step = 2 * self.max_error + 1
-        maxv = torch.as_tensor((1 << self.bits) - 1, device=self.dev).view(-1, 1, 1)
-
-        def code_step(phase, level, pred, mask):
-            sel = _positions(mask)
-            loc, j, f = self._residual_params(pred, sel)
-            r = np.zeros_like(loc)
-            for i, c in enumerate(coders):
-                d = int(c.decode_uniform(1, SCALE_ADJUST_BITS)[0]) - SCALE_ADJUST_ZERO
-                r[i] = c.decode_residuals(np.clip(j[i] + d, 0, P.NUM_SCALES - 1), f[i], int(self.bits[i]))
-            rec = loc + r * step
-            rec = np.clip(rec, 0, ((1 << self.bits) - 1)[:, None])
-            return _scatter(torch.minimum(pred.rounded_loc.clamp_min(0), maxv), sel, rec, self.dev)
-
-        with torch.no_grad():
-            return PyramidRun(self.net, torch.as_tensor(self.bits, device=self.dev), self.sizes,
-                              integer=True).run(torch.as_tensor(base, device=self.dev), code_step)
 
 
 def pixel_crc(frame: np.ndarray) -> int:
@@ -185,12 +88,14 @@ def encode_frames(frames: Iterable[np.ndarray], fmt: PixelFormat, *, max_error: 
             raise UnsupportedPixelData(f"model {model.model_id!r} codes lossless only; near-lossless max_error "
                                        f"is coded by {NEAR_LOSSLESS_MODEL!r}")
         return _encode_engine(frames, fmt, model, transform, bits)
+    import torch
+    from .pyramid_coder import PlaneBatch
     dev = resolve_device(device)
     out: list[bytes] = []
     for start in range(0, len(frames), batch_size):
         chunk = frames[start:start + batch_size]
         planes = np.concatenate([to_planes(f, fmt, transform) for f in chunk])           # (n*P, rows, cols)
-        batch = _PlaneBatch(model, dev, np.tile(bits, len(chunk)), (fmt.rows, fmt.columns), max_error)
+        batch = PlaneBatch(model, dev, np.tile(bits, len(chunk)), (fmt.rows, fmt.columns), max_error)
         payloads, recon = batch.encode(torch.as_tensor(planes, dtype=torch.int64, device=dev))
         recon = recon.cpu().numpy()
         if max_error and np.abs(recon - planes).max(initial=0) > max_error:
@@ -211,6 +116,7 @@ def _encode_engine(frames: list[np.ndarray], fmt: PixelFormat, model: LoadedMode
                    bits: np.ndarray) -> list[bytes]:
     """Lossless frames in format version 2: every plane of every frame through the compiled engine,
     in parallel threads."""
+    from .engine import planes as EP
     p = len(bits)
     planes = [pl for f in frames for pl in to_planes(f, fmt, transform)]
     payloads = EP.encode_planes(planes, [int(b) for b in bits] * len(frames), model.engine)
@@ -247,6 +153,7 @@ def _encode_lossy(frames: list[np.ndarray], fmt: PixelFormat, ratio: float, mode
         raise UnsupportedPixelData(f"ratio {ratio:g} leaves {int(raw / ratio)} bytes for a {fmt.rows}x{fmt.columns} "
                                    f"frame whose header alone takes {overhead}; choose a lower ratio")
     per_plane = [(budget // p) & ~3 for _ in range(p)]
+    from .lossy import LossyPlanes
     coder = LossyPlanes(model, dev)
     out: list[bytes] = []
     for start in range(0, len(frames), batch_size):
@@ -323,10 +230,12 @@ def decode_frames(datas: Iterable[bytes], fmt: PixelFormat | None = None, *, dev
                                      f"{model.model_id!r}")
             try:
                 if model.lossy:
+                    from .lossy import LossyPlanes
                     planes = LossyPlanes(model, dev).decode(payloads, h0.rows, h0.columns,
                                                             list(np.tile(bits, len(chunk))))
                 else:
-                    batch = _PlaneBatch(model, dev, np.tile(bits, len(chunk)), (h0.rows, h0.columns), h0.max_error)
+                    from .pyramid_coder import PlaneBatch
+                    batch = PlaneBatch(model, dev, np.tile(bits, len(chunk)), (h0.rows, h0.columns), h0.max_error)
                     planes = batch.decode(payloads).cpu().numpy()
             except Exception as exc:  # constriction and numpy errors on garbage input
                 raise BitstreamError(f"corrupt payload: {exc}") from None
@@ -342,6 +251,7 @@ def decode_frames(datas: Iterable[bytes], fmt: PixelFormat | None = None, *, dev
 
 def _decode_engine(parsed, idx: list[int], model: LoadedModel, out: list) -> None:
     """Format-version-2 frames of one geometry: every plane of every frame in parallel threads."""
+    from .engine import planes as EP
     h0 = parsed[idx[0]][0]
     ffmt = _format_of(h0)
     bits = [int(b) for b in ffmt.plane_bits(h0.transform)]

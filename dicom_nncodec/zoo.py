@@ -22,17 +22,8 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .engine.planes import WEIGHT_NAMES, EngineWeights
-from .entropy import BitTables, TableSet, build_tables
 from .errors import ModelNotFound
-from .models.context_model import ContextModel
-from .models.pixel_mlp import PixelMLPModel
-from .engine import kernels as EK
-from .models import rnnconv as RC
-from .models.quant import QConv
-from .models.rnnconv import RNNConvCodec
 
 MAGIC = b"NNCW1\n"
 DEFAULT_LOSSLESS_MODEL = "nnc-lossless-2"
@@ -45,13 +36,29 @@ _INTEGER_SUFFIXES = ("w_int", "b_int", "e_int", "_lut", "thresholds")
 
 @dataclass
 class LoadedModel:
+    """A shipped model as the codec uses it.  Each kind's reader imports its own machinery, so
+    loading a version-2 model needs neither torch nor the version-1 entropy coder: its torch
+    network (for training, the GPU and the tests) is built on first use of ``net``."""
     model_id: str
     digest: bytes
     config: dict
-    net: ContextModel | RNNConvCodec | PixelMLPModel
-    tables: TableSet | BitTables | None
+    network: object | None          # ContextModel | RNNConvCodec | PixelMLPModel; None until built
+    tables: object | None           # TableSet | BitTables | None
     lock: threading.Lock
-    engine: EngineWeights | None = None
+    engine: object | None = None    # EngineWeights of a version-2 model
+
+    @property
+    def net(self):
+        """The torch network (built here from the engine weights for a version-2 model)."""
+        if self.network is None:
+            with self.lock:
+                if self.network is None:
+                    from .models.pixel_mlp import PixelMLPModel
+                    net = PixelMLPModel()
+                    net.load_engine_arrays(self.engine.arrays)
+                    net.eval()
+                    self.network = net
+        return self.network
 
     @property
     def format_version(self) -> int:
@@ -61,25 +68,28 @@ class LoadedModel:
     @property
     def lossy(self) -> bool:
         """True for the RNN-Conv lossy models, False for the lossless context models."""
-        return isinstance(self.net, RNNConvCodec)
+        return self.config["config"].get("kind") == RNN_CONV_KIND
 
-    def net_on(self, dev: torch.device):
-        """The network on ``dev``.  Networks are only read during coding (all state lives in the
-        coding run), so one copy per device serves every thread."""
+    def net_on(self, dev):
+        """The network on torch device ``dev``.  Networks are only read during coding (all state lives
+        in the coding run), so one copy per device serves every thread."""
         key = str(dev)
+        base = self.net
         with self.lock:
             net = self._nets.get(key)
             if net is None:
-                net = self.net if dev.type == "cpu" else copy.deepcopy(self.net).to(dev)
+                net = base if dev.type == "cpu" else copy.deepcopy(base).to(dev)
                 self._nets[key] = net
         return net
 
     def __post_init__(self):
-        self._nets: dict[str, torch.nn.Module] = {}
+        self._nets = {}
 
 
-def write_weights(path: Path, model_id: str, net: ContextModel, extra: dict | None = None) -> bytes:
-    """Export ``net`` (already ``export()``-ed) and fresh tables; returns the SHA-256 digest."""
+def write_weights(path: Path, model_id: str, net, extra: dict | None = None) -> bytes:
+    """Export a version-1 ``ContextModel`` (already ``export()``-ed) and fresh tables; returns the
+    SHA-256 digest."""
+    from .entropy import build_tables
     arrays = {}
     for name, buf in net.state_dict().items():
         if name.endswith(_INTEGER_SUFFIXES):
@@ -91,21 +101,25 @@ def write_weights(path: Path, model_id: str, net: ContextModel, extra: dict | No
 
 
 def _pixel_mlp_config(increment: int, limit: int) -> dict:
+    from .engine import kernels as EK
     return {"kind": PIXEL_MLP_KIND, "format_version": 2, "hidden": EK.HIDDEN, "contexts": EK.NC, "tokens": EK.NT,
             "increment": increment, "limit": limit}
 
 
-def write_engine_weights(path: Path, model_id: str, weights: EngineWeights, extra: dict | None = None) -> bytes:
-    """Export a version-2 model: its integer MLP weights in the engine's layout and the prior counts
-    of the context tables; returns the SHA-256 digest."""
+def write_engine_weights(path: Path, model_id: str, weights, extra: dict | None = None) -> bytes:
+    """Export a version-2 model (``EngineWeights``): its integer MLP weights in the engine's layout
+    and the prior counts of the context tables; returns the SHA-256 digest."""
+    from .engine.planes import WEIGHT_NAMES
     arrays = {f"engine.{n}": np.asarray(weights.arrays[n]).astype("<i4") for n in WEIGHT_NAMES}
     arrays["tables.prior"] = np.asarray(weights.prior).astype("<i4")
     return _write(path, model_id, _pixel_mlp_config(weights.increment, weights.limit), arrays, extra)
 
 
-_ENGINE_SHAPES = {"w1": (3, EK.HIDDEN, EK.MAX_F), "b1": (3, EK.HIDDEN), "s1": (3, EK.HIDDEN),
-                  "w2": (3, EK.HIDDEN, EK.HIDDEN), "b2": (3, EK.HIDDEN), "s2": (3, EK.HIDDEN),
-                  "w3": (3, 2, EK.HIDDEN), "b3": (3, 2), "s3": (3, 2)}
+def _engine_shapes() -> dict:
+    from .engine import kernels as EK
+    return {"w1": (3, EK.HIDDEN, EK.MAX_F), "b1": (3, EK.HIDDEN), "s1": (3, EK.HIDDEN),
+            "w2": (3, EK.HIDDEN, EK.HIDDEN), "b2": (3, EK.HIDDEN), "s2": (3, EK.HIDDEN),
+            "w3": (3, 2, EK.HIDDEN), "b3": (3, 2), "s3": (3, 2)}
 
 
 def _check_engine_bounds(eng: dict) -> None:
@@ -122,6 +136,9 @@ def _check_engine_bounds(eng: dict) -> None:
 
 
 def _read_pixel_mlp(header: dict, arrays: dict, digest: bytes) -> LoadedModel:
+    from .engine import kernels as EK
+    from .engine.planes import WEIGHT_NAMES, EngineWeights
+    shapes = _engine_shapes()
     cfg = header["config"]
     if cfg != _pixel_mlp_config(cfg.get("increment"), cfg.get("limit")) or not (
             type(cfg["increment"]) is int and type(cfg["limit"]) is int
@@ -134,28 +151,26 @@ def _read_pixel_mlp(header: dict, arrays: dict, digest: bytes) -> LoadedModel:
     eng = {}
     for n in WEIGHT_NAMES:
         a = arrays[f"engine.{n}"]
-        if a.dtype.kind not in "iu" or tuple(a.shape) != _ENGINE_SHAPES[n]:
+        if a.dtype.kind not in "iu" or tuple(a.shape) != shapes[n]:
             raise ValueError(f"array engine.{n} has dtype {a.dtype} and shape {a.shape}; the model needs "
-                             f"integers {_ENGINE_SHAPES[n]}")
+                             f"integers {shapes[n]}")
         eng[n] = np.ascontiguousarray(a, dtype=np.int64)
     _check_engine_bounds(eng)
     prior = arrays["tables.prior"]
     if prior.dtype.kind not in "iu" or prior.shape != (EK.NC, EK.NT) or int(prior.min()) < 1:
         raise ValueError("weights file has prior counts of the wrong dtype or shape, or a count below 1")
     weights = EngineWeights(eng, np.ascontiguousarray(prior, dtype=np.int64), cfg["increment"], cfg["limit"])
-    net = PixelMLPModel()
-    net.load_engine_arrays(eng)
-    net.eval()
-    return LoadedModel(header["model_id"], digest, header, net, None, threading.Lock(), weights)
+    return LoadedModel(header["model_id"], digest, header, None, None, threading.Lock(), weights)
 
 
 def _rnnconv_config(width: int) -> dict:
+    from .models import rnnconv as RC
     return {"kind": RNN_CONV_KIND, "width": width, "block": RC.BLOCK, "bits_per_block": RC.BITS_PER_BLOCK,
             "iterations": RC.ITERATIONS, "gain_shift": list(RC.GAIN_SHIFT), "recon_frac": RC.RECON_FRAC,
             "out_frac": RC.OUT_FRAC}
 
 
-def write_lossy_weights(path: Path, model_id: str, net: RNNConvCodec, bit_probs: np.ndarray,
+def write_lossy_weights(path: Path, model_id: str, net, bit_probs: np.ndarray,
                         extra: dict | None = None) -> bytes:
     """Export an RNN-Conv model (decoder ``export()``-ed): the decoder as integers, the encoder
     as float32 (it only chooses codes, so it need not be exact), and the code probabilities."""
@@ -183,6 +198,10 @@ def _write(path: Path, model_id: str, config: dict, arrays: dict, extra: dict | 
 
 
 def _read_lossy(header: dict, arrays: dict, digest: bytes) -> LoadedModel:
+    import torch
+    from .entropy import BitTables
+    from .models import rnnconv as RC
+    from .models.rnnconv import RNNConvCodec
     cfg = header["config"]
     if cfg != _rnnconv_config(cfg.get("width", 0)):
         raise ValueError(f"unknown RNN-Conv configuration {cfg} (this release codes {_rnnconv_config(cfg.get('width'))})")
@@ -232,6 +251,16 @@ def read_weights(data: bytes) -> LoadedModel:
         return _read_pixel_mlp(header, arrays, hashlib.sha256(data).digest())
     if set(cfg) != {"width", "use_lstm"}:
         raise ValueError(f"unknown model configuration {cfg}")
+    return _read_context_model(header, arrays, hashlib.sha256(data).digest())
+
+
+def _read_context_model(header: dict, arrays: dict, digest: bytes) -> LoadedModel:
+    """A version-1 lossless / near-lossless model: the ConvLSTM context network and its tables."""
+    import torch
+    from .entropy import TableSet
+    from .models.context_model import ContextModel
+    from .models.quant import QConv
+    cfg = header["config"]
     net = ContextModel(width=cfg["width"], use_lstm=cfg["use_lstm"])
     state = net.state_dict()
     needed = {k for k in state if k.endswith(_INTEGER_SUFFIXES)}
@@ -256,7 +285,7 @@ def read_weights(data: bytes) -> LoadedModel:
         if isinstance(m, QConv):     # oneDNN runs these small convolutions about twice as fast channels-last
             m.w_int = m.w_int.contiguous(memory_format=torch.channels_last)
     tables = TableSet(arrays["tables.offsets"].astype(np.int64), arrays["tables.freqs"].astype(np.uint32))
-    return LoadedModel(header["model_id"], hashlib.sha256(data).digest(), header, net, tables, threading.Lock())
+    return LoadedModel(header["model_id"], digest, header, net, tables, threading.Lock())
 
 
 _cache: dict[tuple[str, bytes | None], LoadedModel] = {}

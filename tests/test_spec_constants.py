@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from dicom_nncodec import bitstream as B
-from dicom_nncodec import codec, entropy, lossy, syntax, zoo
+from dicom_nncodec import codec, entropy, lossy, pyramid_coder, syntax, zoo
 from dicom_nncodec import dataset as D
 from dicom_nncodec.errors import BitstreamError, UnsupportedPixelData
 from dicom_nncodec.models import context_model as CM
@@ -408,7 +408,7 @@ def _spec_decode_step(dec: "_SpecRangeDecoder", tables, t, bits):
 def test_near_lossless_shift():
     thresholds = zoo.load_model(FORMAT_V1_MODEL).net.thresholds
     for n, shift in C["near_lossless_shift"].items():
-        assert codec._nl_shift(int(n), thresholds) == shift == int(np.floor(6 * np.log2(2 * int(n) + 1) + 1e-9))
+        assert pyramid_coder._nl_shift(int(n), thresholds) == shift == int(np.floor(6 * np.log2(2 * int(n) + 1) + 1e-9))
 
 
 def test_verified_constriction_version_is_admitted_by_the_pin():
