@@ -303,39 +303,64 @@ def _block_buffers():
 # ---------------------------------------------------------------------------------------------------
 # rANS: the encoder records (start, frequency, precision) per symbol and codes them backwards at the end
 
+# One recorded symbol is one uint32: a token is (freq << 15) | start (precision PREC); a raw chunk of c
+# bits is RAW_FLAG | (c << 15) | value (frequency 1, precision c).  Four bytes a symbol keep the
+# encoder's memory near ten bytes a pixel, and the record grows as needed.
+RAW_FLAG = np.uint32(1 << 31)
+
+
+@njit(cache=True, nogil=True)
+def _reserve(syms, n, extra):
+    """``syms`` with room for ``extra`` more symbols after the first ``n`` (grown by half when full)."""
+    if n + extra <= syms.shape[0]:
+        return syms
+    bigger = np.empty(n + extra + (syms.shape[0] >> 1) + 1024, dtype=np.uint32)
+    bigger[:n] = syms[:n]
+    return bigger
+
+
 @njit(cache=True, nogil=True, inline="always")
-def _put(sym_cum, sym_freq, sym_prec, n, cum, freq, prec):
-    sym_cum[n] = cum
-    sym_freq[n] = freq
-    sym_prec[n] = prec
+def _put(syms, n, cum, freq):
+    syms[n] = np.uint32((freq << 15) | cum)
     return n + 1
 
 
 @njit(cache=True, nogil=True)
-def _put_raw(sym_cum, sym_freq, sym_prec, n, v, nbits):
+def _put_raw(syms, n, v, nbits):
     while nbits > 0:
         c = nbits if nbits < RAW_CHUNK else RAW_CHUNK
         nbits -= c
-        n = _put(sym_cum, sym_freq, sym_prec, n, (v >> nbits) & ((1 << c) - 1), 1, c)
+        syms[n] = RAW_FLAG | np.uint32((c << 15) | ((v >> nbits) & ((1 << c) - 1)))
+        n += 1
     return n
 
 
 @njit(cache=True, nogil=True)
-def rans_encode(sym_cum, sym_freq, sym_prec, n):
+def rans_encode(syms, n):
     """The rANS words (uint16) of n recorded symbols: final state first, then the renormalisation
     words in decoding order; padded with one zero word to a multiple of two words."""
-    out = np.empty(2 * n + 4, dtype=np.uint16)
+    out = np.empty(n + 64, dtype=np.uint16)
     m = 0
     x = np.int64(RANS_L)
     for i in range(n - 1, -1, -1):
-        f = sym_freq[i]
-        p = sym_prec[i]
+        v = np.int64(syms[i])
+        if v >> 31:
+            f = np.int64(1)
+            p = (v >> 15) & 0xF
+        else:
+            f = (v >> 15) & 0x7FFF
+            p = np.int64(PREC)
+        cum = v & 0x7FFF
         x_max = (np.int64(1) << (32 - p)) * f
         while x >= x_max:
+            if m == out.shape[0]:
+                bigger = np.empty(m + (m >> 1) + 64, dtype=np.uint16)
+                bigger[:m] = out[:m]
+                out = bigger
             out[m] = x & 0xFFFF
             m += 1
             x >>= 16
-        x = ((x // f) << p) + (x % f) + sym_cum[i]
+        x = ((x // f) << p) + (x % f) + cum
     total = m + 2 + (m % 2)
     words = np.zeros(total, dtype=np.uint16)
     words[0] = (x >> 16) & 0xFFFF
@@ -404,10 +429,7 @@ def code_plane(plane, decode, words, bits, prior, inc, limit,
     cdf = np.zeros((NC, NT + 1), dtype=np.int64)
     lut = np.zeros((NC, LUT_SIZE), dtype=np.int64)
     init_tables(prior, counts, freq, cdf, lut)
-    cap = 6 * h0 * w0 + 64
-    sym_cum = np.empty(0 if decode else cap, dtype=np.int64)
-    sym_freq = np.empty(0 if decode else cap, dtype=np.int64)
-    sym_prec = np.empty(0 if decode else cap, dtype=np.int64)
+    syms = np.empty(0 if decode else 2 * h0 * w0 + 1024, dtype=np.uint32)
     ns = 0
     nw = words.shape[0]
     x = np.int64(0)
@@ -431,7 +453,8 @@ def code_plane(plane, decode, words, bits, prior, inc, limit,
                 level_img[i, j] = v
             else:
                 v = plane[(i << (nlev - 1)), (j << (nlev - 1))]
-                ns = _put_raw(sym_cum, sym_freq, sym_prec, ns, v, bits)
+                syms = _reserve(syms, ns, 2)
+                ns = _put_raw(syms, ns, v, bits)
                 level_img[i, j] = v
     for level in range(nlev - 2, -1, -1):
         H, W = sizes[level, 0], sizes[level, 1]
@@ -501,9 +524,10 @@ def code_plane(plane, decode, words, bits, prior, inc, limit,
                         low = s & ((1 << k) - 1)
                         zz = 2 * z if z >= 0 else -2 * z - 1
                         t, ne, ex = _token(zz)
-                        ns = _put(sym_cum, sym_freq, sym_prec, ns, cdf[c, t], freq[c, t], PREC)
-                        ns = _put_raw(sym_cum, sym_freq, sym_prec, ns, ex, ne)
-                        ns = _put_raw(sym_cum, sym_freq, sym_prec, ns, low, k)
+                        syms = _reserve(syms, ns, 8)
+                        ns = _put(syms, ns, cdf[c, t], freq[c, t])
+                        ns = _put_raw(syms, ns, ex, ne)
+                        ns = _put_raw(syms, ns, low, k)
                         X[y, xx] = v
                         hist[c, t] += 1
                 since += nb
@@ -519,7 +543,7 @@ def code_plane(plane, decode, words, bits, prior, inc, limit,
             for j in range(w0):
                 plane[i, j] = level_img[i, j]
         return words, ERR_OK
-    return rans_encode(sym_cum, sym_freq, sym_prec, ns), ERR_OK
+    return rans_encode(syms, ns), ERR_OK
 
 
 @njit(cache=True, nogil=True)
