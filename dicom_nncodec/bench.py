@@ -547,6 +547,14 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def check_plotting(parser: argparse.ArgumentParser, plot) -> None:
+    """Refuse ``--plot`` before any work when matplotlib is missing, not after a long run (whose
+    results would be lost with the traceback)."""
+    import importlib.util
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib: pip install 'dicom-nncodec[plot]'")
+
+
 def write_plot(results: dict, path: str | os.PathLike) -> None:
     """Size against decode speed, one point per codec (overall), decode speed on a log axis."""
     import matplotlib
@@ -760,6 +768,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads < 1 or a.repeat < 1 or (a.max_frames is not None and a.max_frames < 1):
         p.error("--threads, --repeat and --max-frames must be at least 1")
+    check_plotting(p, a.plot)
 
     def progress(msg):
         print(msg, file=sys.stderr, flush=True)

@@ -38,7 +38,7 @@ import numpy as np
 
 from . import image_quality as iq
 from .lossy_codecs import (LOSSY_BASELINE_NAMES, NEAR_LOSSLESS_BASELINE_NAMES, RATE_TOLERANCE, LossyCodec,
-                           available_codecs, library_versions, raw_frame_bytes)
+                           available_codecs, library_versions)
 from .lossy_testset import TestFrame, TestSet, collect
 
 CROP_RATIOS = (2, 4, 8, 16, 32)
@@ -110,7 +110,7 @@ def measure_frame(frame: TestFrame, decoded: np.ndarray, data: bytes, m: Measure
         return m
     fmt = frame.fmt
     peak, rng = iq.nominal_peak(fmt.bits_stored), iq.range_peak(ref)
-    m.bytes, m.raw_bytes, m.pixels = len(data), raw_frame_bytes(fmt), fmt.rows * fmt.columns
+    m.bytes, m.raw_bytes, m.pixels = len(data), fmt.frame_bytes, fmt.rows * fmt.columns
     m.ratio = m.raw_bytes / len(data)
     m.max_abs_error = iq.max_abs_error(ref, dec)
     m.psnr, m.psnr_range = iq.psnr(ref, dec, peak), iq.psnr(ref, dec, rng)
@@ -496,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--ratios must be above 1")
     if any(n < 1 for n in a.max_errors):
         p.error("--max-errors must be at least 1")
+    from .bench import check_plotting
+    check_plotting(p, a.plot)
     codecs = [c.strip() for c in a.codecs.split(",") if c.strip()] if a.codecs else None
     if codecs:
         unknown = sorted(set(codecs) - set(LOSSY_BASELINE_NAMES) - set(NEAR_LOSSLESS_BASELINE_NAMES))

@@ -59,6 +59,16 @@ def pixel_crc(frame: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(frame).tobytes())
 
 
+def _frame(mode: int, max_error: int, model: LoadedModel, fmt: PixelFormat, transform: int, decoded: np.ndarray,
+           payloads: Sequence[bytes]) -> bytes:
+    """One coded frame: the header (mode, the model's id, digest and format version, the pixel
+    description, the CRC-32 of what every decoder reproduces) and its plane payloads."""
+    header = B.FrameHeader(mode, max_error, model.model_id, model.digest, fmt.rows, fmt.columns,
+                           fmt.samples_per_pixel, fmt.bits_allocated, fmt.bits_stored, fmt.signed, transform,
+                           pixel_crc(decoded), (), version=model.format_version)
+    return B.pack(header, payloads)
+
+
 def encode_frames(frames: Iterable[np.ndarray], fmt: PixelFormat, *, max_error: int = 0,
                   ratio: float | None = None, model_id: str | None = None, device="auto",
                   batch_size: int = DEFAULT_BATCH) -> list[bytes]:
@@ -105,10 +115,8 @@ def encode_frames(frames: Iterable[np.ndarray], fmt: PixelFormat, *, max_error: 
         p = len(bits)
         for i, f in enumerate(chunk):
             decoded = from_planes(recon[i * p:(i + 1) * p], fmt, transform)
-            header = B.FrameHeader(B.MODE_NEAR_LOSSLESS if max_error else B.MODE_LOSSLESS, max_error, model.model_id,
-                                   model.digest, fmt.rows, fmt.columns, fmt.samples_per_pixel, fmt.bits_allocated,
-                                   fmt.bits_stored, fmt.signed, transform, pixel_crc(decoded), ())
-            out.append(B.pack(header, payloads[i * p:(i + 1) * p]))
+            out.append(_frame(B.MODE_NEAR_LOSSLESS if max_error else B.MODE_LOSSLESS, max_error, model, fmt,
+                              transform, decoded, payloads[i * p:(i + 1) * p]))
     return out
 
 
@@ -123,10 +131,7 @@ def _encode_engine(frames: list[np.ndarray], fmt: PixelFormat, model: LoadedMode
     out = []
     for i, f in enumerate(frames):
         decoded = from_planes(np.stack(planes[i * p:(i + 1) * p]), fmt, transform)
-        header = B.FrameHeader(B.MODE_LOSSLESS, 0, model.model_id, model.digest, fmt.rows, fmt.columns,
-                               fmt.samples_per_pixel, fmt.bits_allocated, fmt.bits_stored, fmt.signed, transform,
-                               pixel_crc(decoded), (), version=2)
-        out.append(B.pack(header, payloads[i * p:(i + 1) * p]))
+        out.append(_frame(B.MODE_LOSSLESS, 0, model, fmt, transform, decoded, payloads[i * p:(i + 1) * p]))
     return out
 
 
@@ -146,7 +151,7 @@ def _encode_lossy(frames: list[np.ndarray], fmt: PixelFormat, ratio: float, mode
     transform = fmt.coding_transform(1)
     bits = fmt.plane_bits(transform)
     p = len(bits)
-    raw = fmt.rows * fmt.columns * fmt.samples_per_pixel * fmt.bits_allocated // 8
+    raw = fmt.frame_bytes
     overhead = B.header_size(model.model_id, p)
     budget = int(raw / ratio) - overhead
     if budget < 16 * p:
@@ -163,10 +168,7 @@ def _encode_lossy(frames: list[np.ndarray], fmt: PixelFormat, ratio: float, mode
         recon = coder.decode(payloads, fmt.rows, fmt.columns, bits * len(chunk))   # what every decoder produces
         for i, f in enumerate(chunk):
             decoded = from_planes(recon[i * p:(i + 1) * p], fmt, transform)
-            header = B.FrameHeader(B.MODE_LOSSY, 0, model.model_id, model.digest, fmt.rows, fmt.columns,
-                                   fmt.samples_per_pixel, fmt.bits_allocated, fmt.bits_stored, fmt.signed,
-                                   transform, pixel_crc(decoded), ())
-            frame = B.pack(header, payloads[i * p:(i + 1) * p])
+            frame = _frame(B.MODE_LOSSY, 0, model, fmt, transform, decoded, payloads[i * p:(i + 1) * p])
             if raw / len(frame) > LOSSY_RATIO_TOLERANCE * ratio:
                 raise UnsupportedPixelData(
                     f"ratio {ratio:g} is below what the lossy model reaches on this image (its finest coding "
@@ -179,7 +181,8 @@ def encode_frame(frame: np.ndarray, fmt: PixelFormat, **kw) -> bytes:
     return encode_frames([frame], fmt, **kw)[0]
 
 
-def _format_of(h: B.FrameHeader) -> PixelFormat:
+def frame_format(h: B.FrameHeader) -> PixelFormat:
+    """The pixel format a frame header describes (the colour transform decides RGB or YBR_FULL)."""
     photometric = "RGB" if h.transform else ("YBR_FULL" if h.samples_per_pixel == 3 else "MONOCHROME2")
     return PixelFormat(h.rows, h.columns, h.samples_per_pixel, h.bits_allocated, h.bits_stored, h.signed, photometric)
 
@@ -222,7 +225,7 @@ def decode_frames(datas: Iterable[bytes], fmt: PixelFormat | None = None, *, dev
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
             h0 = parsed[chunk[0]][0]
-            ffmt = _format_of(h0)
+            ffmt = frame_format(h0)
             bits = np.array(ffmt.plane_bits(h0.transform), dtype=np.int64)
             payloads = [p for i in chunk for p in parsed[i][1]]
             if (h0.mode == B.MODE_LOSSY) != model.lossy:
@@ -253,7 +256,7 @@ def _decode_engine(parsed, idx: list[int], model: LoadedModel, out: list) -> Non
     """Format-version-2 frames of one geometry: every plane of every frame in parallel threads."""
     from .engine import planes as EP
     h0 = parsed[idx[0]][0]
-    ffmt = _format_of(h0)
+    ffmt = frame_format(h0)
     bits = [int(b) for b in ffmt.plane_bits(h0.transform)]
     p = len(bits)
     payloads = [pl for i in idx for pl in parsed[i][1]]

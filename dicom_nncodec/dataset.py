@@ -147,7 +147,7 @@ def lossy_method(encoded: list[bytes]) -> str:
 
 def compression_ratio(fmt: PixelFormat, encoded: list[bytes]) -> float:
     """Lossy Image Compression Ratio: uncompressed size (Bits Allocated) over the encoded frames."""
-    raw = fmt.rows * fmt.columns * fmt.samples_per_pixel * fmt.bits_allocated // 8 * len(encoded)
+    raw = fmt.frame_bytes * len(encoded)
     return raw / max(1, sum(map(len, encoded)))
 
 

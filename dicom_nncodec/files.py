@@ -21,6 +21,7 @@ from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEn
 
 from . import dataset as D
 from .bitstream import MODE_NAMES, read_header
+from .codec import frame_format
 from .errors import NNCodecError, UnsupportedPixelData
 from .syntax import NNCodecLossless, NNCodecLossy, fix_transfer_syntax, registered
 
@@ -173,7 +174,7 @@ def describe(src: Path) -> str:
         return "\n".join(lines)
     frames = D.encoded_frames(ds)
     h0 = read_header(frames[0])
-    raw = h0.rows * h0.columns * h0.samples_per_pixel * h0.bits_allocated // 8
+    raw = frame_format(h0).frame_bytes
     lines.append(f"  model: {h0.model_id} (weights sha256 {h0.digest.hex()[:16]}...)")
     lines.append(f"  mode: {MODE_NAMES[h0.mode]}" + (f", max error {h0.max_error}" if h0.max_error else ""))
     lines.append(f"  pixels: {h0.rows}x{h0.columns}, {h0.samples_per_pixel} sample(s), bits stored {h0.bits_stored} "

@@ -51,11 +51,6 @@ HTJ2K_UID = "1.2.840.10008.1.2.4.203"             # High-Throughput JPEG 2000 Im
 JPEGLS_NEAR_LOSSLESS_UID = "1.2.840.10008.1.2.4.81"
 
 
-def raw_frame_bytes(fmt: PixelFormat) -> int:
-    """Uncompressed size of one frame at Bits Allocated: the numerator of every ratio reported."""
-    return fmt.rows * fmt.columns * fmt.samples_per_pixel * fmt.bits_allocated // 8
-
-
 @dataclass
 class Coded:
     """One frame coded at one target: ``data`` (None when the codec refused the target, ``refused`` says why),
@@ -159,7 +154,7 @@ class J2KAtRatio(LossyCodec):
                                      codec_format=0))
 
         # OpenJPEG's ratio counts Bits Stored per sample; ours counts Bits Allocated
-        return search_ratio(enc, raw_frame_bytes(fmt), ratio, ratio * bits / fmt.bits_allocated,
+        return search_ratio(enc, fmt.frame_bytes, ratio, ratio * bits / fmt.bits_allocated,
                             self.SMALLEST_REQUEST, 1e6, "requested ratio (full-rate 9/7 quality)")
 
     def decode_one(self, data, fmt):
@@ -179,7 +174,7 @@ class HTJ2KAtRatio(LossyCodec):
         def enc(step: float) -> bytes:
             return bytes(bl._ic.htj2k_encode(x, level=step, reversible=False))
 
-        return search_ratio(enc, raw_frame_bytes(fmt), ratio, 1e-3, 1e-9, 10.0, "quantisation step")
+        return search_ratio(enc, fmt.frame_bytes, ratio, 1e-3, 1e-9, 10.0, "quantisation step")
 
     def decode_one(self, data, fmt):
         return bl._htj2k_decode(data, fmt.bits_stored, fmt.signed, 1)
@@ -203,7 +198,7 @@ class JPEGLSNearLossless(LossyCodec):
 
 # --------------------------------------------------------------------------- this codec
 
-class NNCodecLossy(LossyCodec):
+class LearnedCodecAtRatio(LossyCodec):
     """This codec; several frames go through the network together (as ``dicom_nncodec.compress`` does)."""
     name, label, modes = "nncodec", "NNCodec", ("ratio", "max_error")
     note = "this codec end to end: codec.encode_frames(ratio=R) (RNN-Conv lossy model) or max_error=N"
@@ -239,7 +234,7 @@ def available_codecs(mode: str, device: str = "cpu", names: Sequence[str] | None
                      ) -> tuple[list[LossyCodec], list[str]]:
     """This codec first, then the baselines for ``mode`` ("ratio" or "max_error") whose libraries are present;
     and notes on those left out.  ``names`` restricts the baselines."""
-    out: list[LossyCodec] = [NNCodecLossy(device)]
+    out: list[LossyCodec] = [LearnedCodecAtRatio(device)]
     notes: list[str] = []
     want = (lambda n: names is None or n in names)
     if mode == "ratio":

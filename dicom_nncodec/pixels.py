@@ -88,6 +88,12 @@ class PixelFormat:
         return [b, b + 1, b + 1] if transform == TRANSFORM_RCT else [b, b, b]
 
     @property
+    def frame_bytes(self) -> int:
+        """Uncompressed size of one frame at Bits Allocated: the numerator of every compression ratio
+        (the codec's lossy target, Lossy Image Compression Ratio, the benchmarks, ``info``)."""
+        return self.rows * self.columns * self.samples_per_pixel * self.bits_allocated // 8
+
+    @property
     def dtype(self) -> np.dtype:
         return np.dtype(f"<{'i' if self.signed else 'u'}{self.bits_allocated // 8}")
 

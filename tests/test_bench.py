@@ -175,3 +175,17 @@ def test_helpers():
     fmt = PixelFormat(1, 3, 1, 16, 12, True, "MONOCHROME2")
     got = bench.normalise(np.array([[0x0FFF, 0xF800, 0x07FF]], np.uint16).view(np.int16), fmt)
     assert got.tolist() == [[-1, -2048, 2047]]
+
+
+@pytest.mark.parametrize("lossy", [False, True])
+def test_plot_without_matplotlib_is_refused_before_any_work(data, tmp_path, monkeypatch, capsys, lossy):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    ran = []
+    monkeypatch.setattr(bench, "run", lambda *a, **k: ran.append(1))
+    argv = [str(data / "ct"), "--plot", str(tmp_path / "p.png"), "-q"] + (["--lossy"] if lossy else [])
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2 and not ran
+    assert "--plot needs matplotlib" in capsys.readouterr().err

@@ -86,7 +86,7 @@ def test_j2k_and_htj2k_reach_the_target_ratio(codec, bits_stored, signed):
     for target in (8, 16):
         (coded,) = codec.encode([frame], fmt, ratio=target)
         assert coded.data is not None and coded.note == ""
-        achieved = lc.raw_frame_bytes(fmt) / len(coded.data)
+        achieved = fmt.frame_bytes / len(coded.data)
         assert abs(achieved / target - 1) <= lc.RATE_TOLERANCE, achieved
         (back,) = codec.decode([coded.data], fmt)
         assert back.shape == frame.shape
@@ -221,7 +221,7 @@ def test_our_refusal_is_na_with_its_reason():
     """A ratio this codec cannot reach for a frame is an n/a row carrying the codec's message, not a crash."""
     fmt = PixelFormat(32, 32, 1, 8, 8, False, "MONOCHROME2")
     frame = lt.TestFrame("x.png", "crop 32x32", "y=0 x=0", fmt, smooth_image(32, 32, 8).astype(np.uint8))
-    (m,) = bench_lossy.code_batch(lc.NNCodecLossy("cpu"), [frame], "ratio", 1000)
+    (m,) = bench_lossy.code_batch(lc.LearnedCodecAtRatio("cpu"), [frame], "ratio", 1000)
     assert m.status == "n/a" and m.note
 
 
