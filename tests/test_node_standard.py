@@ -11,7 +11,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import HTJ2KLossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, HTJ2KLossless, generate_uid
 from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelGet as STUDY_GET,
                                   StudyRootQueryRetrieveInformationModelMove as STUDY_MOVE)
 from sqlalchemy import text
@@ -85,6 +85,9 @@ def test_standard_action_stores_bit_exact_and_serves_it(tmp_path, action, syntax
         final, received = get(node.port, study_query(), STUDY_GET, SOP_CLASSES, [syntax])
         assert (final.Status, final.NumberOfCompletedSuboperations) == (0, 3)
         check_received(received, str(syntax))
+        final, received = get(node.port, study_query(), STUDY_GET, SOP_CLASSES, [ExplicitVRLittleEndian])
+        assert (final.Status, final.NumberOfCompletedSuboperations) == (0, 3)
+        check_received(received, str(ExplicitVRLittleEndian))
 
 
 def test_smallest_keeps_the_smaller_verified_result(tmp_path):
