@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (CTImageStorage, MRImageStorage, PatientRootQue
                                   StudyRootQueryRetrieveInformationModelGet, Verification)
 
 import dicom_nncodec
+from dicom_nncodec.syntax import JPEGXL, JPEGXLJPEGRecompression, JPEGXLLossless
 from scp import commitment
 from scp import config as C
 from scp import query, rules, transcode
@@ -191,7 +192,9 @@ def test_a_running_node_supports_the_listed_contexts(live_node):
 
 def test_live_negotiation_accepts_exactly_the_listed_storage_syntaxes(live_node):
     """CT Image Storage proposed once per known transfer syntax (each in its own context)."""
-    candidates = [str(u) for u in U.AllTransferSyntaxes] + list(NN)
+    candidates = list(dict.fromkeys([str(u) for u in U.AllTransferSyntaxes]       # (pydicom 3.0 lacks JPEG XL)
+                                    + [str(u) for u in (JPEGXLLossless, JPEGXLJPEGRecompression, JPEGXL)]))
+    candidates += list(NN)
     scu = AE(ae_title="SCU")
     contexts = [build_context(CTImageStorage, [dicom_nncodec.syntax.registered(t) or UID(t)]) for t in candidates]
     assoc = scu.associate("127.0.0.1", live_node.port, ae_title="NNCODEC", contexts=contexts)
@@ -240,24 +243,24 @@ def test_c_move_proposals(defaults):
 
 # --- 5.2 transcoding -------------------------------------------------------------------------------------
 
-OTHER = [U.ExplicitVRBigEndian, U.JPEGLossless, U.JPEGLosslessSV1, U.HTJ2KLossless, U.HTJ2KLosslessRPCL, U.HTJ2K,
-         U.JPEGBaseline8Bit, U.JPEGExtended12Bit, U.JPEGLSNearLossless, U.JPEG2000]
+OTHER = [U.ExplicitVRBigEndian, U.JPEGLossless, U.JPEGLosslessSV1, U.HTJ2KLosslessRPCL, U.HTJ2K, JPEGXL,
+         JPEGXLJPEGRecompression, U.JPEGBaseline8Bit, U.JPEGExtended12Bit, U.JPEGLSNearLossless, U.JPEG2000]
 STORED_ROWS = {
     "NNCodecLossless": [dicom_nncodec.NNCodecLossless],
     "NNCodecLossy": [dicom_nncodec.NNCodecLossy],
     "Explicit VR LE, Implicit VR LE, Deflated Explicit VR LE": [U.ExplicitVRLittleEndian, U.ImplicitVRLittleEndian,
                                                                  U.DeflatedExplicitVRLittleEndian],
     "Explicit VR Big Endian": [U.ExplicitVRBigEndian],
-    "another standard compressed syntax": [U.JPEGLSLossless, U.JPEG2000Lossless, U.HTJ2KLossless, U.RLELossless,
-                                           U.JPEGLosslessSV1, U.JPEGLSNearLossless, U.JPEG2000, U.HTJ2K,
-                                           U.JPEGBaseline8Bit, U.JPEGExtended12Bit],
+    "another standard compressed syntax": [U.JPEGLSLossless, U.JPEG2000Lossless, U.HTJ2KLossless, JPEGXLLossless,
+                                           U.RLELossless, U.JPEGLosslessSV1, U.JPEGLSNearLossless, U.JPEG2000,
+                                           U.HTJ2K, JPEGXL, U.JPEGBaseline8Bit, U.JPEGExtended12Bit],
 }
 TARGET_COLUMNS = {
     "NNCodecLossless": [dicom_nncodec.NNCodecLossless], "NNCodecLossy": [dicom_nncodec.NNCodecLossy],
     "JPEG-LS Lossless": [U.JPEGLSLossless], "JPEG 2000 Lossless": [U.JPEG2000Lossless],
     "Explicit VR LE": [U.ExplicitVRLittleEndian], "Implicit VR LE": [U.ImplicitVRLittleEndian],
     "Deflated Explicit VR LE": [U.DeflatedExplicitVRLittleEndian], "RLE Lossless": [U.RLELossless],
-    "any other": OTHER,
+    "JPEG XL Lossless": [JPEGXLLossless], "HTJ2K Lossless": [U.HTJ2KLossless], "any other": OTHER,
 }
 
 

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-                         JPEG2000Lossless, JPEGLSLossless, RLELossless)
+from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, HTJ2KLossless,
+                         ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless)
 
 from . import dataset as D
 from .bitstream import MODE_NAMES, read_header
 from .codec import frame_format
 from .errors import NNCodecError, UnsupportedPixelData
-from .syntax import NNCodecLossless, NNCodecLossy, fix_transfer_syntax, registered
+from .syntax import JPEGXLLossless, NNCodecLossless, NNCodecLossy, fix_transfer_syntax, registered
 
 DECOMPRESS_TARGETS = {
     "explicit": ExplicitVRLittleEndian,
@@ -32,6 +32,8 @@ DECOMPRESS_TARGETS = {
     "jpeg-ls": JPEGLSLossless,
     "jpeg2000": JPEG2000Lossless,
     "rle": RLELossless,
+    "jpegxl": JPEGXLLossless,        # lossless, effort 7 (dicom_nncodec.standard_plugin)
+    "htj2k": HTJ2KLossless,
 }
 
 

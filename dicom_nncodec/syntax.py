@@ -1,5 +1,11 @@
 """The two private transfer syntaxes, and the one place that touches pydicom's registries.
 
+Also the JPEG XL transfer syntaxes (PS3.5 8.2.15, Supplement 232): pydicom 3.0
+does not know their UIDs, so ``UID(...).is_transfer_syntax`` is False for them
+and pydicom, pynetdicom and this node would refuse them.  They are public
+syntaxes, so they are added to pydicom's UID dictionary (the table pydicom 3.1
+ships them in) rather than registered as private ones.
+
 UIDs are fixed forever (PS3.5 B.2, UUID-derived root).  Both are Explicit VR
 Little Endian with encapsulated Pixel Data, one fragment per frame and a Basic
 Offset Table.  A peer that negotiates ``NNCodecLossless`` gets exact pixels;
@@ -16,12 +22,38 @@ NNCodecLossy = register_transfer_syntax(UID("2.25.258280948878419526347838582097
                                         implicit_vr=False, little_endian=True)
 PRIVATE_SYNTAXES = (NNCodecLossless, NNCodecLossy)
 
+# JPEG XL (PS3.6 Table A-1): keyword -> (UID, name); pydicom 3.1's keywords
+_JPEG_XL = {
+    "JPEGXLLossless": ("1.2.840.10008.1.2.4.110", "JPEG XL Lossless"),
+    "JPEGXLJPEGRecompression": ("1.2.840.10008.1.2.4.111", "JPEG XL JPEG Recompression"),
+    "JPEGXL": ("1.2.840.10008.1.2.4.112", "JPEG XL"),
+}
+JPEGXLLossless = UID(_JPEG_XL["JPEGXLLossless"][0])
+JPEGXLJPEGRecompression = UID(_JPEG_XL["JPEGXLJPEGRecompression"][0])
+JPEGXL = UID(_JPEG_XL["JPEGXL"][0])
+JPEG_XL_SYNTAXES = (JPEGXLLossless, JPEGXLJPEGRecompression, JPEGXL)
+
 # Sent in A-ASSOCIATE and written to File Meta Information by this implementation.
 IMPLEMENTATION_CLASS_UID = UID("2.25.164171005495589579792106225184349771088")
 IMPLEMENTATION_VERSION_NAME = "DICOM_NNCODEC_1"
 # Defined Term for Lossy Image Compression Method (0028,2114), declared in the conformance statement.
 LOSSY_METHOD = "NNCODEC_1"          # near-lossless (max_error)
 RNN_CONV_METHOD = "NNCODEC_RNN_1"   # lossy RNN-Conv at a target ratio
+
+
+def install_standard_uids() -> None:
+    """Make pydicom know the JPEG XL transfer syntaxes (a no-op where it already does)."""
+    from pydicom._uid_dict import UID_dictionary
+    for keyword, (uid, name) in _JPEG_XL.items():
+        UID_dictionary.setdefault(uid, (name, "Transfer Syntax", "", "", keyword))
+
+
+def by_keyword(keyword: str) -> UID | None:
+    """A transfer syntax by its pydicom keyword, also those pydicom 3.0 lacks (JPEG XL)."""
+    if keyword in _JPEG_XL:
+        return UID(_JPEG_XL[keyword][0])
+    uid = getattr(_uid, keyword, None)
+    return uid if isinstance(uid, UID) else None
 
 
 def registered(uid) -> UID | None:

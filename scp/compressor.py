@@ -6,8 +6,10 @@ on a CPU) must never hold up a sending modality.  The queue lives in the
 index, so a restart resumes it.
 
 For each instance: decide by the rules, decode whatever arrived, encode with
-the learned codec (frames batched, on the GPU when configured), decode the
-result again and compare (bit-exact for lossless, within N for max_error;
+the learned codec (frames batched, on the GPU when configured) or, for the
+``jpegxl`` and ``htj2k`` actions, the standard codec (``smallest``: both the
+learned codec and JPEG XL, keeping the smaller verified result), decode the
+result again and compare (bit-exact for every lossless action, within N for max_error;
 for natively encoded input the lossless check is on the stored bytes, so bits
 above Bits Stored that the codec would drop are caught; for a ``ratio`` rule,
 whose pixels have no error bound to compare against, every frame must decode
@@ -34,8 +36,11 @@ import logging
 import threading
 import time
 
+from dataclasses import replace
+
 import numpy as np
 import pydicom.pixels
+import pydicom.uid as U
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -43,8 +48,9 @@ import dicom_nncodec
 from dicom_nncodec import NNCodecLossless, NNCodecLossy, UnsupportedPixelData
 from dicom_nncodec.dataset import compression_ratio, encoded_frames
 from dicom_nncodec.pixels import PixelFormat
+from dicom_nncodec.syntax import JPEGXLLossless
 
-from . import checks, faults, isolation
+from . import checks, faults, isolation, transcode
 from . import rules as R
 from .ceilings import ratio_text
 from .config import Config
@@ -95,8 +101,16 @@ def frame_ratios(ds: Dataset) -> list[float]:
     return [compression_ratio(fmt, [frame]) for frame in encoded_frames(ds)]
 
 
+# the standard syntax each standard lossless action stores in
+STANDARD_TARGETS = {R.JPEGXL: JPEGXLLossless, R.HTJ2K: U.HTJ2KLossless}
+
+
 def compress_verified(ds: Dataset, decision: R.Decision, device: str, batch_size: int) -> Dataset:
-    """Compress ``ds`` in place as ``decision`` says and prove the result decodes as required."""
+    """``ds`` compressed as ``decision`` says, proven to decode as required (the learned codec
+    works on ``ds`` in place; a standard codec returns a new dataset).  Every lossless action,
+    learned or standard, is checked the same way: bit-exact against the stored pixels."""
+    if decision.action == R.SMALLEST:
+        return _smallest(ds, decision, device, batch_size)
     dicom_nncodec.fix_transfer_syntax(ds)
     if "PixelData" not in ds:
         raise UnsupportedPixelData("no Pixel Data")
@@ -104,19 +118,13 @@ def compress_verified(ds: Dataset, decision: R.Decision, device: str, batch_size
     if surplus:          # coding the described pixels would drop the rest
         raise UnsupportedPixelData(checks.surplus_reason(surplus))
     reference = _frames_array(ds)
-    reference_bytes = _native_bytes(ds) if decision.action == R.LOSSLESS else None
-    if decision.action == R.LOSSLESS:
-        dicom_nncodec.compress(ds, NNCodecLossless, device=device, batch_size=batch_size)
-    elif decision.action == R.RATIO:
-        dicom_nncodec.compress(ds, NNCodecLossy, ratio=decision.ratio, device=device, batch_size=batch_size)
-    else:
-        dicom_nncodec.compress(ds, NNCodecLossy, max_error=decision.max_error, device=device,
-                               batch_size=batch_size)
-    check = dicom_nncodec.decompress(copy.deepcopy(ds), device=device, batch_size=batch_size)
+    reference_bytes = _native_bytes(ds) if decision.is_lossless else None
+    ds = _encode(ds, decision, device, batch_size)
+    check = transcode.decoded(copy.deepcopy(ds), device, batch_size)
     result = _frames_array(check)
     if result.shape != reference.shape:
         raise VerificationError(f"decoded shape {result.shape} differs from the original {reference.shape}")
-    if decision.action == R.LOSSLESS:
+    if decision.is_lossless:
         if not np.array_equal(result, reference):
             raise VerificationError("decoded pixels differ from the original")
         if reference_bytes is not None and bytes(check.PixelData[:len(reference_bytes)]) != reference_bytes:
@@ -138,6 +146,48 @@ def compress_verified(ds: Dataset, decision: R.Decision, device: str, batch_size
             raise VerificationError(f"decoded pixels differ by up to {worst}, more than max_error "
                                     f"{decision.max_error}")
     return ds
+
+
+def _encode(ds: Dataset, decision: R.Decision, device: str, batch_size: int) -> Dataset:
+    """``ds`` coded as the action says (not yet verified)."""
+    if decision.action == R.LOSSLESS:
+        return dicom_nncodec.compress(ds, NNCodecLossless, device=device, batch_size=batch_size)
+    if decision.action == R.RATIO:
+        return dicom_nncodec.compress(ds, NNCodecLossy, ratio=decision.ratio, device=device, batch_size=batch_size)
+    if decision.action == R.MAX_ERROR:
+        return dicom_nncodec.compress(ds, NNCodecLossy, max_error=decision.max_error, device=device,
+                                      batch_size=batch_size)
+    target = STANDARD_TARGETS[decision.action]
+    native = transcode.decoded(ds, device, batch_size)
+    try:
+        return transcode.encode_as(native, target, device, batch_size)
+    except (ValueError, RuntimeError) as exc:      # pixel data the standard encoder does not take
+        raise UnsupportedPixelData(f"{target.name}: {exc}") from None
+
+
+def _smallest(ds: Dataset, decision: R.Decision, device: str, batch_size: int) -> Dataset:
+    """The smaller of the learned codec's and JPEG XL's verified results: no instance is stored
+    bigger than the standard would store it.  One that cannot code the image (or whose result
+    fails its check, logged) leaves the other."""
+    results, refusals = [], []
+    for action in (R.LOSSLESS, R.JPEGXL):
+        try:
+            results.append(compress_verified(copy.deepcopy(ds), replace(decision, action=action), device,
+                                             batch_size))
+        except UnsupportedPixelData as exc:
+            refusals.append(f"{action}: {exc}")
+        except VerificationError as exc:
+            log.warning("%s result of %s discarded: %s", action, ds.get("SOPInstanceUID", "?"), exc)
+            refusals.append(f"{action}: {exc}")
+    if not results:
+        raise UnsupportedPixelData("; ".join(refusals))
+    return min(results, key=lambda out: len(out.PixelData))
+
+
+def stored_syntax_name(ds: Dataset) -> str:
+    """The name of ``ds``'s transfer syntax as the state reason shows it."""
+    ts = ds.file_meta.TransferSyntaxUID
+    return {NNCodecLossless: "the learned codec (NNCodecLossless)"}.get(ts, transcode.syntax(ts).name)
 
 
 def achieved_ratio(ds: Dataset) -> float:
@@ -201,12 +251,13 @@ class Compressor:
         return sum(t.is_alive() for t in self._workers.values())
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
-        """Wait until the queue is empty and no worker is busy (for tests and tools)."""
+        """Wait until no queued instance is due and no worker is busy (for tests and tools; instances
+        a compression delay holds back do not count)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._busy_lock:
                 busy = self._busy
-            if not busy and self.index.queue_length() == 0:
+            if not busy and self.index.queue_length(due_only=True) == 0:
                 return True
             time.sleep(0.05)
         return False
@@ -291,8 +342,8 @@ class Compressor:
         if decision.action == R.KEEP:
             self.index.finish_unchanged(job, KEPT, f"kept by rule: {decision.rule}")
             return True
-        if job.transfer_syntax == str(NNCodecLossless) and decision.action == R.LOSSLESS:
-            self.index.finish_unchanged(job, KEPT, "already in the private lossless syntax")
+        if decision.done_by(job.transfer_syntax):
+            self.index.finish_unchanged(job, KEPT, f"already in {transcode.syntax(job.transfer_syntax).name}")
             return True
         started = time.monotonic()
         try:
@@ -302,11 +353,11 @@ class Compressor:
                 decision = R.cap(decision, self.cfg.lossy_ceilings, _attribute(ds, "Modality"),
                                  _attribute(ds, "BodyPartExamined"))
                 try:
-                    compress_verified(ds, decision, self.cfg.device, self.cfg.batch_size)
+                    ds = compress_verified(ds, decision, self.cfg.device, self.cfg.batch_size)
                 except AboveCeiling as exc:
                     decision = R.lossless_instead(decision, str(exc))
                     ds = dcmread(self.storage.abspath(job.path))
-                    compress_verified(ds, decision, self.cfg.device, self.cfg.batch_size)
+                    ds = compress_verified(ds, decision, self.cfg.device, self.cfg.batch_size)
         except UnsupportedPixelData as exc:     # also a ratio the codec cannot reach for this image
             at = f" at {ratio_text(decision.ratio)}" if decision.action == R.RATIO else ""
             self.index.finish_unchanged(job, KEPT, f"not supported by the codec{at}: {exc}")
@@ -337,7 +388,9 @@ class Compressor:
         faults.point("compress.written")
         new_uid = str(ds.SOPInstanceUID) if decision.lossy else None
         note = decision.note
-        if decision.action == R.RATIO:
+        if decision.action == R.SMALLEST:
+            note = f"smallest: {stored_syntax_name(ds)}, {size} bytes"
+        elif decision.action == R.RATIO:
             note = (f"ratio {achieved_ratio(ds):.2f}:1 reached (rule {decision.rule!r} asks "
                     f"{ratio_text(decision.ratio)})")
         try:

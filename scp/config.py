@@ -12,7 +12,7 @@ import copy
 import fnmatch
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import yaml
@@ -26,6 +26,11 @@ DEVICES = ("auto", "cpu", "cuda")
 CLIENT_CERTIFICATES = ("none", "optional", "required")
 TLS_VERSIONS = ("1.2", "1.3")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# actions given by name: the learned codec lossless, JPEG XL or HTJ2K lossless, the smaller of the
+# learned codec and JPEG XL, or none
+PLAIN_ACTIONS = ("lossless", "jpegxl", "htj2k", "smallest", "keep")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MATCH_KEYS = ("modality", "body_part", "sop_class", "calling_ae", "bits_stored", "photometric", "received_lossy")
 # mappings a user file extends entry by entry (an entry set to null is removed) instead of key by key
 _MERGED_BY_ENTRY = ("compression.lossy_ceilings",)
@@ -65,14 +70,16 @@ class TLS:
 @dataclass(frozen=True)
 class Rule:
     """One compression rule: ``match`` maps a match key to its allowed values,
-    ``action`` is "lossless", "keep", "max_error" (with ``max_error`` N) or "ratio" (with
-    ``ratio`` R); ``allow_above_ceiling``: the lossy ceilings are not enforced for this rule."""
+    ``action`` is one of :data:`PLAIN_ACTIONS`, "max_error" (with ``max_error`` N) or "ratio"
+    (with ``ratio`` R); ``allow_above_ceiling``: the lossy ceilings are not enforced for this
+    rule; ``after``: seconds after receipt before the instance is compressed (0: at once)."""
     name: str
     match: dict[str, Any]
     action: str
     max_error: int = 0
     ratio: float = 0.0
     allow_above_ceiling: bool = False
+    after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -271,7 +278,6 @@ def _list_of(v, path) -> list:
 def transfer_syntax(name, path) -> UID:
     """A transfer syntax given by pydicom name (or NNCodecLossless/NNCodecLossy) or by UID."""
     import dicom_nncodec
-    import pydicom.uid as U
     if not isinstance(name, str) or not name:
         raise ConfigError(path, f"must be a transfer syntax name or UID, not {name!r}")
     if name in ("NNCodecLossless", "NNCodecLossy"):
@@ -279,8 +285,8 @@ def transfer_syntax(name, path) -> UID:
     if _UID_RE.match(name):
         uid = UID(name)
     else:
-        uid = getattr(U, name, None)
-        if not isinstance(uid, UID):
+        uid = dicom_nncodec.syntax.by_keyword(name)      # (pydicom 3.0 lacks the JPEG XL names)
+        if uid is None:
             raise ConfigError(path, f"unknown transfer syntax name {name!r}")
     if not (uid.is_transfer_syntax or uid in (dicom_nncodec.NNCodecLossless, dicom_nncodec.NNCodecLossy)):
         raise ConfigError(path, f"{name!r} is not a transfer syntax")
@@ -323,8 +329,26 @@ def _ratio(v, path) -> float:
     return float(v)
 
 
+def duration(v, path) -> float:
+    """A delay such as ``7d``, ``12h``, ``30m`` or ``45s`` in seconds."""
+    m = _DURATION_RE.match(v) if isinstance(v, str) else None
+    if m is None:
+        raise ConfigError(path, f"must be a number with a unit: d (days), h (hours), m (minutes) or s "
+                                f"(seconds), e.g. 7d or 12h, not {v!r}")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
 def _rule(v, path) -> Rule:
-    v = _mapping(v, path, ("name", "match", "action", "allow_above_ceiling"), required=("action",))
+    rule = _rule_action(v, path)
+    if "after" not in v:
+        return rule
+    if rule.action == "keep":
+        raise ConfigError(f"{path}.after", "applies only to a rule that compresses (not to action keep)")
+    return replace(rule, after=duration(v["after"], f"{path}.after"))
+
+
+def _rule_action(v, path) -> Rule:
+    v = _mapping(v, path, ("name", "match", "action", "allow_above_ceiling", "after"), required=("action",))
     name = _str(v.get("name", ""), f"{path}.name")
     match_in = _mapping(v.get("match") or {}, f"{path}.match", MATCH_KEYS)
     match: dict[str, Any] = {}
@@ -355,7 +379,7 @@ def _rule(v, path) -> Rule:
     if isinstance(action, dict):
         _mapping(action, p, ("max_error", "ratio"), required=("max_error",))
         return Rule(name or path, match, "max_error", _int(action["max_error"], f"{p}.max_error", 1, 255))
-    return Rule(name or path, match, _choice(action, p, ("lossless", "keep")))
+    return Rule(name or path, match, _choice(action, p, PLAIN_ACTIONS))
 
 
 def _ceiling_key(k, path, what) -> str:

@@ -7,6 +7,10 @@ consistent state.  Each call opens its own short session.  SQLite (the default)
 runs in WAL mode with a busy timeout, and writes are serialised by a lock in
 this process; PostgreSQL works through the same code.
 
+A queue item may carry a due time (a rule's compression delay, fixed at
+receipt): it is not claimed before then, and the due time survives restarts
+because it lives in the queue row.
+
 Every change that moves a stored file is one transaction guarded by the
 instance's ``generation`` counter: a compression result for a copy that was
 replaced meanwhile is thrown away instead of overwriting the newer copy.
@@ -19,8 +23,8 @@ import json
 import threading
 from dataclasses import dataclass
 
-from sqlalchemy import (BigInteger, ForeignKey, Integer, String, Text, create_engine, event, func, select,
-                        update)
+from sqlalchemy import (BigInteger, ForeignKey, Integer, String, Text, create_engine, event, func, inspect, or_,
+                        select, text, update)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
@@ -125,6 +129,8 @@ class QueueItem(Base):
     enqueued_at: Mapped[_dt.datetime] = mapped_column(default=_now)
     started_at: Mapped[_dt.datetime | None] = mapped_column(nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # compression delay (a rule's `after`): not claimed before this time (UTC); NULL: due at once
+    due_at: Mapped[_dt.datetime | None] = mapped_column(nullable=True, index=True)
 
 
 class Commitment(Base):
@@ -368,6 +374,7 @@ class Index:
 
     def create(self) -> None:
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -396,19 +403,21 @@ class Index:
                 (Instance.sop_uid == sop_uid) | (Instance.original_sop_uid == sop_uid))).first()
 
     def add(self, f: InstanceFacts, path: str, size: int, calling_ae: str, policy: str,
-            state: str, reason: str = "") -> IngestResult:
+            state: str, reason: str = "", delay: float = 0.0) -> IngestResult:
         """Record a durably written file.  ``policy`` decides about a second copy of a SOP Instance UID;
-        ``state`` is PENDING (queue it), COMPRESSED, KEPT or NOT_IMAGE, ``reason`` its state reason."""
+        ``state`` is PENDING (queue it), COMPRESSED, KEPT or NOT_IMAGE, ``reason`` its state reason;
+        a queued instance is due ``delay`` seconds after now."""
         for attempt in range(3):
             try:
                 with self.writing() as s:
-                    return self._add(s, f, path, size, calling_ae, policy, state, reason)
+                    return self._add(s, f, path, size, calling_ae, policy, state, reason, delay)
             except IntegrityError:   # a concurrent insert of the same patient/study/series (PostgreSQL)
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    def _add(self, s: Session, f: InstanceFacts, path, size, calling_ae, policy, state, reason="") -> IngestResult:
+    def _add(self, s: Session, f: InstanceFacts, path, size, calling_ae, policy, state, reason="",
+             delay: float = 0.0) -> IngestResult:
         inst = s.scalars(select(Instance).where(
             (Instance.sop_uid == f.sop_uid) | (Instance.original_sop_uid == f.sop_uid))).first()
         if inst is not None and policy != "replace":
@@ -447,16 +456,19 @@ class Index:
         inst.received_bytes = inst.stored_bytes = size
         inst.rows, inst.columns, inst.frames = f.rows, f.columns, f.frames
         inst.bits_stored, inst.photometric = f.bits_stored, f.photometric
-        inst.calling_ae, inst.received_at = calling_ae, _now()
+        received = _now()
+        inst.calling_ae, inst.received_at = calling_ae, received
         inst.state, inst.state_reason, inst.header = state, reason[:2000], f.header
         s.flush()
         queued = state == PENDING
         item = s.scalars(select(QueueItem).where(QueueItem.instance_pk == inst.id)).first()
         if queued:
             if item is None:
-                s.add(QueueItem(instance_pk=inst.id, generation=inst.generation))
+                item = QueueItem(instance_pk=inst.id, generation=inst.generation)
+                s.add(item)
             else:
                 item.generation, item.state, item.started_at = inst.generation, QUEUED, None
+            item.due_at = received + _dt.timedelta(seconds=delay) if delay > 0 else None
         elif item is not None:
             s.delete(item)
         return IngestResult(outcome, inst.id, superseded, queued)
@@ -470,11 +482,12 @@ class Index:
                              .values(state=QUEUED, started_at=None)).rowcount
 
     def claim(self) -> Job | None:
-        """Take the oldest queued item (marked running) or None."""
+        """Take the oldest queued item that is due (marked running) or None."""
         with self.writing() as s:
             for _ in range(5):
                 row = s.execute(select(QueueItem, Instance).join(Instance, QueueItem.instance_pk == Instance.id)
-                                .where(QueueItem.state == QUEUED).order_by(QueueItem.id).limit(1)).first()
+                                .where(QueueItem.state == QUEUED, _due(_now()))
+                                .order_by(QueueItem.id).limit(1)).first()
                 if row is None:
                     return None
                 item, inst = row
@@ -534,9 +547,13 @@ class Index:
             if state == FAILED:
                 s.add(Failure(stage="compress", sop_uid=job.sop_uid, reason=reason[:2000]))
 
-    def queue_length(self) -> int:
+    def queue_length(self, due_only: bool = False) -> int:
+        """Queue items (``due_only``: leaving out those a compression delay still holds back)."""
         with self.session() as s:
-            return s.scalar(select(func.count()).select_from(QueueItem)) or 0
+            query = select(func.count()).select_from(QueueItem)
+            if due_only:
+                query = query.where(_due(_now()))
+            return s.scalar(query) or 0
 
     # --- fsck -----------------------------------------------------------------------------------------
 
@@ -646,14 +663,42 @@ class Index:
             counts = {name: s.scalar(select(func.count()).select_from(model)) or 0
                       for name, model in (("patients", Patient), ("studies", Study), ("series", Series))}
             commitments = dict(s.execute(select(Commitment.state, func.count()).group_by(Commitment.state)).all())
+            delayed, next_due = _delayed(s)
             nfail = s.scalar(select(func.count()).select_from(Failure)) or 0
             restarts, last_restart = s.execute(select(func.count(Failure.id), func.max(Failure.at))
                                                .where(Failure.stage == WATCHDOG)).one()
             recent = s.execute(select(Failure.at, Failure.stage, Failure.sop_uid, Failure.reason)
                                .order_by(Failure.id.desc()).limit(10)).all()
         return {"instances": n, "received_bytes": int(rx), "stored_bytes": int(disk), "by_state": by_state,
-                "queue": queue, "commitments": commitments, "failures": nfail, "recent_failures": recent,
+                "queue": queue, "delayed": delayed or 0, "next_due": next_due, "commitments": commitments, "failures": nfail, "recent_failures": recent,
                 "worker_restarts": restarts or 0, "last_worker_restart": last_restart, **counts}
+
+
+def _due(now: _dt.datetime):
+    """Queue items whose compression delay (if any) has passed."""
+    return or_(QueueItem.due_at.is_(None), QueueItem.due_at <= now)
+
+
+def _delayed(s: Session) -> tuple[int, _dt.datetime | None]:
+    """(queue items a compression delay still holds back, the earliest time one falls due; UTC)."""
+    n, first = s.execute(select(func.count(QueueItem.id), func.min(QueueItem.due_at))
+                         .where(QueueItem.due_at > _now())).one()
+    return n or 0, first
+
+
+def _add_missing_columns(engine) -> None:
+    """Columns added to a table after an index was created (nullable ones only) are added to it,
+    so that an index written by an older version opens; ``create_all`` makes missing tables only."""
+    names = inspect(engine).get_table_names()
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            if table.name not in names:
+                continue
+            have = {c["name"] for c in inspect(conn).get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have and column.nullable:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

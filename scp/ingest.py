@@ -2,7 +2,8 @@
 
 Why this order: the sender is told Success only after the file is on disk
 (fsynced, atomically renamed) and the index transaction that makes it
-findable (and queues its compression) has committed.  The dataset is stored
+findable (and queues its compression, due at once or after the deciding
+rule's ``after`` delay) has committed.  The dataset is stored
 exactly as it arrived on the wire, behind File Meta Information written by
 this implementation.  It is staged in tmp/ first and checked there
 (:mod:`scp.checks`: UIDs, SOP class, pixel data against its description,
@@ -28,6 +29,7 @@ from pynetdicom.dsutils import encode_file_meta
 import dicom_nncodec
 
 from . import checks, faults, isolation
+from . import rules as R
 from .checks import CANNOT_UNDERSTAND, DUPLICATE, OUT_OF_RESOURCES, SUCCESS, StoreRefused
 from .config import Config
 from .index import COMPRESSED, KEPT, NOT_IMAGE, PENDING, Index, facts_from_dataset
@@ -150,7 +152,8 @@ class Ingest:
         else:
             state = PENDING
         try:
-            result = self.index.add(facts, path, staged.size, rx.calling_ae, policy, state, reason)
+            result = self.index.add(facts, path, staged.size, rx.calling_ae, policy, state, reason,
+                                    self._delay(facts, rx.calling_ae) if state == PENDING else 0.0)
         except BaseException:
             self.storage.remove(path)
             raise
@@ -165,6 +168,14 @@ class Ingest:
         if result.queued:
             self.on_queued()
         return SUCCESS
+
+    def _delay(self, facts, calling_ae: str) -> float:
+        """Seconds the deciding rule's ``after`` holds the instance back from compression (fixed now,
+        at receipt, and kept in the queue)."""
+        decision = R.decide(self.cfg.rules, R.Facts(facts.modality, facts.sop_class_uid, calling_ae,
+                                                    facts.bits_stored, facts.photometric, facts.transfer_syntax,
+                                                    facts.body_part), self.cfg.lossy_ceilings)
+        return decision.after
 
     def _duplicate(self, sop_uid: str, rx: Received) -> int:
         if self.cfg.duplicates == "reject":

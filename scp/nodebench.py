@@ -1,6 +1,6 @@
 """Node benchmark: ingest, backlog compression and whole-study retrieval, beside Orthanc 1.10.
 
-    python -m scp.nodebench [--study DIR] [--slices N] [--workers N] [--json FILE]
+    python -m scp.nodebench [--study DIR] [--slices N] [--workers N] [--action A] [--json FILE]
 
 Why a program and not a timed test: the figures depend on the machine and on
 what else runs on it; what the issue asks for is the comparison with Orthanc
@@ -420,13 +420,13 @@ class NodeSystem(System):
     label = "this node"
     ae_title = NODE_AE
 
-    def __init__(self, workdir: str, dcmsend: str, getscu: str, workers: int):
+    def __init__(self, workdir: str, dcmsend: str, getscu: str, workers: int, action: str = "lossless"):
         super().__init__(workdir, dcmsend, getscu)
         self.storage = os.path.join(workdir, "storage")
         self.config_file = os.path.join(workdir, "node.yaml")
         self.log_file = os.path.join(workdir, "node.log")
         self.config = {"port": self.port, "storage": {"path": self.storage},
-                       "compression": {"workers": workers},
+                       "compression": {"workers": workers, "rules": [{"action": action}]},
                        "peers": [{"name": "nodebench getscu", "ae_title": SCU_AE, "host": "127.0.0.1",
                                   "port": 11113, "allow": ["echo", "store", "find", "get", "move"]}]}
         self._index = None
@@ -616,8 +616,9 @@ def decode_only(storage: str) -> dict:
             "mb_per_s": _rate(nbytes / MB, total), "torch_threads": torch.get_num_threads()}
 
 
-def run_node(study: Study, work: str, dcmsend: str, getscu: str, workers: int, timeout: float) -> dict:
-    node = NodeSystem(os.path.join(work, "node"), dcmsend, getscu, workers)
+def run_node(study: Study, work: str, dcmsend: str, getscu: str, workers: int, timeout: float,
+             action: str = "lossless") -> dict:
+    node = NodeSystem(os.path.join(work, "node"), dcmsend, getscu, workers, action)
     res: dict = {"label": node.label, "loadavg_at_start": loadavg(), "config": node.config}
     try:
         node.start()
@@ -733,7 +734,8 @@ def table(report: dict) -> str:
              f"machine: {m['cpus']} CPUs, load average {' '.join(f'{x:.2f}' for x in m['loadavg_start'])} at the "
              f"start, {' '.join(f'{x:.2f}' for x in m['loadavg_end'])} at the end; OMP_NUM_THREADS "
              f"{m['omp_num_threads'] or 'unset'}; node: {node['config']['compression']['workers']} compression "
-             f"worker(s), codec device {m['codec_device']}", ""]
+             f"worker(s), rule action {node['config']['compression']['rules'][0]['action']}, codec device "
+             f"{m['codec_device']}", ""]
     rows = [
         ("ingest, dcmsend", lambda r: _f(g(r, "ingest", "seconds"), ".2f", " s")),
         ("  instances/s", lambda r: _f(g(r, "ingest", "instances_per_s"), ".1f")),
@@ -829,7 +831,7 @@ def _codec_device() -> str:
 
 
 def benchmark(study_dir: str | None, slices: int, workers: int, size: int = 512, orthanc: bool = True,
-              diagnostics: bool = True, timeout: float = 3600) -> dict:
+              diagnostics: bool = True, timeout: float = 3600, action: str = "lossless") -> dict:
     """Run everything; the report (see :func:`table`).  RuntimeError when DCMTK is missing."""
     dcmsend, getscu = find_dcmtk("dcmsend"), find_dcmtk("getscu")
     if not dcmsend or not getscu:
@@ -849,7 +851,7 @@ def benchmark(study_dir: str | None, slices: int, workers: int, size: int = 512,
                                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                                     "codec_device": _codec_device(), "dcmsend": dcmsend, "getscu": getscu,
                                     "orthanc": executable}}
-        report["node"] = run_node(study, work, dcmsend, getscu, workers, timeout)
+        report["node"] = run_node(study, work, dcmsend, getscu, workers, timeout, action)
         report["orthanc"] = run_orthanc(study, work, dcmsend, getscu, executable, timeout) if executable else None
         if executable is None:
             report["orthanc_missing"] = "Orthanc not found (apt-get install orthanc)" if orthanc else "not asked for"
@@ -869,6 +871,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slices", type=int, default=40, help="slices of the generated study (default 40)")
     p.add_argument("--size", type=int, default=512, help="rows and columns of the generated slices (default 512)")
     p.add_argument("--workers", type=int, default=1, help="the node's compression.workers (default 1)")
+    p.add_argument("--action", default="lossless", choices=("lossless", "jpegxl", "htj2k", "smallest"),
+                   help="the node's compression rule action (default lossless: the learned codec)")
     p.add_argument("--no-orthanc", action="store_true", help="measure the node alone")
     p.add_argument("--no-diagnostics", action="store_true", help="skip the decode-only and uncompressed-node runs")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed for each step")
@@ -882,7 +886,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:                       # not the main thread: leave signals alone
         previous = None
     try:
-        report = benchmark(a.study, a.slices, a.workers, a.size, not a.no_orthanc, not a.no_diagnostics, a.timeout)
+        report = benchmark(a.study, a.slices, a.workers, a.size, not a.no_orthanc, not a.no_diagnostics, a.timeout,
+                           a.action)
     except (RuntimeError, ValueError) as exc:
         print(f"nodebench: {exc}", file=sys.stderr)
         return 2

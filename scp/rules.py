@@ -1,5 +1,9 @@
 """Which compression an instance gets: the first matching rule of ``compression.rules``.
 
+A rule's ``after`` delays the action: the instance is served as received until
+receipt + ``after``; the due time is fixed (and kept in the queue) when the
+instance arrives.
+
 Why a separate module: the decision depends only on facts the index already
 holds (modality, body part, SOP class, sending AE title, bits stored,
 photometric interpretation, how it arrived), so it can be tested and explained
@@ -20,17 +24,22 @@ from dataclasses import dataclass, replace
 
 import pydicom.uid as U
 
-from dicom_nncodec import NNCodecLossy
+from dicom_nncodec import NNCodecLossless, NNCodecLossy
+from dicom_nncodec.syntax import JPEGXL as JPEGXLSyntax, JPEGXLJPEGRecompression, JPEGXLLossless
 
 from . import ceilings as CL
 from .config import Rule, text_matches
 
 KEEP, LOSSLESS, MAX_ERROR, RATIO = "keep", "lossless", "max_error", "ratio"
+JPEGXL, HTJ2K, SMALLEST = "jpegxl", "htj2k", "smallest"
+# the lossless actions, each bit-exact: the syntax an action stores in (SMALLEST: one of two)
+LOSSLESS_SYNTAXES = {LOSSLESS: (str(NNCodecLossless),), JPEGXL: (str(JPEGXLLossless),),
+                     HTJ2K: (str(U.HTJ2KLossless),), SMALLEST: (str(NNCodecLossless), str(JPEGXLLossless))}
 
 LOSSY_SYNTAXES = frozenset(str(u) for u in (
     U.JPEGBaseline8Bit, U.JPEGExtended12Bit, U.JPEGLSNearLossless, U.JPEG2000, U.HTJ2K,
     U.JPEG2000MC, U.MPEG2MPML, U.MPEG2MPHL, U.MPEG4HP41, U.MPEG4HP41BD, U.MPEG4HP422D, U.MPEG4HP423D,
-    U.MPEG4HP42STEREO, U.HEVCMP51, U.HEVCM10P51, NNCodecLossy))
+    U.MPEG4HP42STEREO, U.HEVCMP51, U.HEVCM10P51, NNCodecLossy, JPEGXLSyntax, JPEGXLJPEGRecompression))
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class Decision:
     ``ratio`` is R for RATIO, and ``ceiling`` the highest ratio any frame of the result may
     reach (None: not limited); ``check_ceilings`` False: the rule says ``allow_above_ceiling``,
     so no ceiling applies; ``note`` says why the rule's own action was replaced (empty when it
-    was not)."""
+    was not); ``after``: seconds from receipt before the action is due (the rule's ``after``)."""
     action: str
     max_error: int
     rule: str
@@ -62,6 +71,16 @@ class Decision:
     ceiling: float | None = None
     check_ceilings: bool = True
     note: str = ""
+    after: float = 0.0
+
+    @property
+    def is_lossless(self) -> bool:
+        """The result holds exactly the stored pixels (checked bit-exact before it replaces them)."""
+        return self.action in LOSSLESS_SYNTAXES
+
+    def done_by(self, transfer_syntax: str) -> bool:
+        """An instance stored in ``transfer_syntax`` already is what this lossless action makes."""
+        return transfer_syntax in LOSSLESS_SYNTAXES.get(self.action, ())
 
     @property
     def lossy(self) -> bool:
@@ -93,7 +112,7 @@ def decide(rules: tuple[Rule, ...], f: Facts, ceilings: CL.Ceilings) -> Decision
     for rule in rules:
         if matches(rule, f):
             decision = Decision(rule.action, rule.max_error, rule.name, rule.ratio,
-                                check_ceilings=not rule.allow_above_ceiling)
+                                check_ceilings=not rule.allow_above_ceiling, after=rule.after)
             return cap(decision, ceilings, f.modality, f.body_part)
     reason = "arrived lossy-compressed" if f.received_lossy else "no rule matches"
     return Decision(KEEP, 0, reason)

@@ -57,6 +57,9 @@ def report_for(cfg: C.Config) -> str:
         "state    " + ", ".join(f"{k} {states.get(k, 0)}" for k in
                                 ("compressed", "pending", "kept", "failed", "not_image")),
         f"queue    {sum(queue.values())} ({queue.get('queued', 0)} waiting, {queue.get('running', 0)} in progress)",
+        "delayed  " + (f"{st['delayed']} held back by a compression delay (rule `after`), the next due at "
+                       f"{st['next_due']:%Y-%m-%d %H:%M:%S} UTC" if st["delayed"]
+                       else "none held back by a compression delay"),
         "commit   " + (", ".join(f"{n} {state.replace('_', ' ')}" for state, n in sorted(st["commitments"].items()))
                            or "no storage commitment requests"),
         "watchdog " + (f"{st['worker_restarts']} compression worker restarts, the last at "

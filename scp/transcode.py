@@ -24,13 +24,16 @@ from pydicom.uid import UID
 
 import dicom_nncodec
 from dicom_nncodec import NNCodecLossless, NNCodecLossy
+from dicom_nncodec.syntax import JPEGXL, JPEGXLJPEGRecompression, JPEGXLLossless
 
 from . import checks, isolation
 
 log = logging.getLogger("scp.transcode")
 
 UNCOMPRESSED_LE = frozenset({U.ExplicitVRLittleEndian, U.ImplicitVRLittleEndian, U.DeflatedExplicitVRLittleEndian})
-ENCODED_BY_PYDICOM = frozenset({U.JPEGLSLossless, U.JPEG2000Lossless, U.RLELossless})
+# (JPEG XL and HTJ2K through dicom_nncodec's imagecodecs plugin for pydicom)
+ENCODED_BY_PYDICOM = frozenset({U.JPEGLSLossless, U.JPEG2000Lossless, U.RLELossless, JPEGXLLossless,
+                                U.HTJ2KLossless})
 # What this node can make from any stored instance it can decode.
 PRODUCIBLE = frozenset({NNCodecLossless}) | ENCODED_BY_PYDICOM | UNCOMPRESSED_LE
 
@@ -38,10 +41,11 @@ PRODUCIBLE = frozenset({NNCodecLossless}) | ENCODED_BY_PYDICOM | UNCOMPRESSED_LE
 # that the sender proposed.  Lossless before lossy; compressed before uncompressed.
 ACCEPTED_FOR_STORAGE = (
     NNCodecLossless, NNCodecLossy,
-    U.JPEGLSLossless, U.JPEG2000Lossless, U.HTJ2KLossless, U.HTJ2KLosslessRPCL, U.RLELossless,
+    JPEGXLLossless, U.JPEGLSLossless, U.JPEG2000Lossless, U.HTJ2KLossless, U.HTJ2KLosslessRPCL, U.RLELossless,
     U.JPEGLosslessSV1, U.JPEGLossless,
     U.ExplicitVRLittleEndian, U.ImplicitVRLittleEndian, U.DeflatedExplicitVRLittleEndian, U.ExplicitVRBigEndian,
-    U.JPEGLSNearLossless, U.JPEG2000, U.HTJ2K, U.JPEGBaseline8Bit, U.JPEGExtended12Bit,
+    U.JPEGLSNearLossless, U.JPEG2000, U.HTJ2K, JPEGXL, JPEGXLJPEGRecompression, U.JPEGBaseline8Bit,
+    U.JPEGExtended12Bit,
 )
 
 

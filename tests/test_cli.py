@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
+from pydicom.uid import (ExplicitVRLittleEndian, HTJ2KLossless, ImplicitVRLittleEndian, JPEG2000Lossless,
+                         JPEGLSLossless, RLELossless)
 
 from dicom_nncodec import NNCodecLossless, NNCodecLossy
 from dicom_nncodec.cli import main
+from dicom_nncodec.syntax import JPEGXLLossless
 
 from .imaging import make_dataset, smooth_image
 
@@ -48,7 +50,8 @@ def test_compress_mirrors_tree_verifies_and_decompresses(tree, tmp_path, capsys)
     assert "nnc-lossless" in text and "frame 10:" in text and "ratio" in text
 
     for name, uid in [("explicit", ExplicitVRLittleEndian), ("implicit", ImplicitVRLittleEndian),
-                      ("jpeg-ls", JPEGLSLossless), ("jpeg2000", JPEG2000Lossless), ("rle", RLELossless)]:
+                      ("jpeg-ls", JPEGLSLossless), ("jpeg2000", JPEG2000Lossless), ("rle", RLELossless),
+                      ("jpegxl", JPEGXLLossless), ("htj2k", HTJ2KLossless)]:
         dec = tmp_path / f"dec-{name}"
         assert main(["decompress", str(out / "ct.dcm"), str(out / "a" / "mr.dcm"), "-o", str(dec), "-t", name]) == 0
         for rel in ("ct.dcm", "a/mr.dcm"):

@@ -44,7 +44,7 @@ def test_node_bench_reports_its_figures(tmp_path, capsys):
         assert "QueryRetrieveLevel=STUDY" in commands
 
     node = report["node"]
-    assert node["config"]["compression"] == {"workers": 1}
+    assert node["config"]["compression"] == {"workers": 1, "rules": [{"action": "lossless"}]}
     c = node["compression"]
     assert c["ok"] and c["compressed"] == 2 and c["failed"] == 0
     assert 0 <= c["after_ingest_s"] <= c["from_ingest_start_s"]

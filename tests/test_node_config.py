@@ -57,7 +57,12 @@ retrieve: {transfer_syntaxes: [ExplicitVRLittleEndian, 1.2.840.10008.1.2]}
     ("storage: {pth: x}", "storage.pth", "unknown key"),
     ("access: {find: everyone}", "access.find", "one of any, peers"),
     ("compression: {device: gpu}", "compression.device", "one of auto, cpu, cuda"),
-    ("compression: {rules: [{action: lossy}]}", "compression.rules[0].action", "one of lossless, keep"),
+    ("compression: {rules: [{action: lossy}]}", "compression.rules[0].action",
+     "one of lossless, jpegxl, htj2k, smallest, keep"),
+    ("compression: {rules: [{action: jpegxl, after: 7x}]}", "compression.rules[0].after",
+     "a number with a unit: d (days), h (hours), m (minutes) or s"),
+    ("compression: {rules: [{action: lossless, after: 7}]}", "compression.rules[0].after", "e.g. 7d or 12h"),
+    ("compression: {rules: [{action: keep, after: 7d}]}", "compression.rules[0].after", "not to action keep"),
     ("compression: {rules: [{action: {max_error: 0}}]}", "compression.rules[0].action.max_error", "between 1"),
     ("compression: {rules: [{match: {modaliy: CT}, action: keep}]}", "compression.rules[0].match.modaliy",
      "unknown key"),
@@ -128,7 +133,7 @@ def test_the_commented_examples_in_the_default_file_are_valid_rules(tmp_path):
     rules = yaml.safe_load("\n".join(example))
     assert any(isinstance(r["action"], dict) and "ratio" in r["action"] for r in rules)
     cfg = rules_config(tmp_path, rules)
-    assert [r.action for r in cfg.rules] == ["keep", "max_error", "ratio", "ratio", "lossless"]
+    assert [r.action for r in cfg.rules] == ["keep", "jpegxl", "max_error", "ratio", "ratio", "lossless"]
     assert cfg.warnings == ()
 
 
@@ -242,3 +247,10 @@ def test_wrong_ratio_and_ceiling_values_name_the_key(tmp_path, text, path, reaso
     with pytest.raises(C.ConfigError) as info:
         C.load(str(p))
     assert path in str(info.value) and reason in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("after, seconds", [("7d", 7 * 86400), ("12h", 12 * 3600), ("30m", 1800), ("45s", 45),
+                                            ("1.5h", 5400)])
+def test_compression_delay_units(after, seconds):
+    cfg = C.load_dict({"compression": {"rules": [{"action": "jpegxl", "after": after}, {"action": "smallest"}]}})
+    assert [(r.action, r.after) for r in cfg.rules] == [("jpegxl", seconds), ("smallest", 0.0)]

@@ -8,13 +8,15 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
-                         ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid)
+                         HTJ2KLossless, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless,
+                         generate_uid)
 from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelGet as PATIENT_GET,
                                   StudyRootQueryRetrieveInformationModelGet as STUDY_GET,
                                   StudyRootQueryRetrieveInformationModelMove as STUDY_MOVE)
 
 import dicom_nncodec
 from dicom_nncodec import NNCodecLossless
+from dicom_nncodec.syntax import JPEGXLLossless
 from scp.index import Instance
 from scp.testing import StorageSCP, failed_uids, get, move, running_node, send
 
@@ -48,7 +50,8 @@ def node(tmp_path_factory):
         peers = [{"ae_title": "SCU", "host": "127.0.0.1", "port": 1},
                  {"ae_title": "ANYTS", "host": "127.0.0.1", "port": anyts.port}]
         syntaxes = ["NNCodecLossless", "NNCodecLossy", "JPEGLSLossless", "JPEG2000Lossless", "ExplicitVRLittleEndian",
-                    "ImplicitVRLittleEndian", "RLELossless", "DeflatedExplicitVRLittleEndian"]
+                    "ImplicitVRLittleEndian", "RLELossless", "DeflatedExplicitVRLittleEndian", "JPEGXLLossless",
+                    "HTJ2KLossless"]
         with running_node(tmp_path_factory.mktemp("r"), peers=peers, retrieve={"transfer_syntaxes": syntaxes}) as n:
             assert send(n.port, ORIGINALS) == [0, 0, 0]
             assert n.compressor.wait_idle(120)
@@ -78,7 +81,8 @@ def test_get_in_the_stored_syntax_sends_the_stored_bytes(node):
 
 
 @pytest.mark.parametrize("target", [JPEGLSLossless, JPEG2000Lossless, RLELossless, ExplicitVRLittleEndian,
-                                    ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
+                                    ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, JPEGXLLossless,
+                                    HTJ2KLossless])
 def test_get_transcodes_to_each_target_bit_exactly(node, target):
     final, received = get(node.port, study_query(), STUDY_GET, SOP_CLASSES, [target])
     assert (final.Status, final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (0, 3, 0)
