@@ -36,10 +36,15 @@ def merged(base: dict, extra: dict) -> dict:
     return out
 
 
+# index.url of the nodes made here when a test gives none ("": SQLite in the storage folder); the
+# tests' index_backend fixture sets it to a PostgreSQL database to run the same tests against that
+DEFAULT_INDEX_URL = ""
+
+
 def node_config(storage_path, **overrides) -> C.Config:
     """A configuration for a node on 127.0.0.1 (a free port) storing in ``storage_path``, compressing on
     the CPU.  ``overrides`` are laid over it like a YAML file (nested dicts)."""
-    base = {"bind": "127.0.0.1", "port": 0,
+    base = {"bind": "127.0.0.1", "port": 0, "index": {"url": DEFAULT_INDEX_URL},
             "storage": {"path": str(storage_path), "min_free_mb": 0},
             "compression": {"device": "cpu", "poll_seconds": 0.2},
             "limits": {"shutdown_grace_seconds": 10, "acse_timeout": 10, "dimse_timeout": 30,
