@@ -145,3 +145,29 @@ def empty(url: str) -> str:
     finally:
         idx.dispose()
     return url
+
+
+def for_bench(choice: str):
+    """What a benchmark's ``--index`` names: "sqlite" (the node's default: ""), "postgresql" (a throwaway
+    cluster with fsync on, as a real server runs) or an SQLAlchemy URL.  A context manager giving
+    (index URL, label for the report)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def run():
+        if choice in ("", "sqlite"):
+            yield "", "SQLite"
+        elif choice in ("postgresql", "postgres"):
+            with Cluster(fsync=True) as pg:
+                yield pg.new_database("bench"), f"PostgreSQL (throwaway server {_server_version()}, fsync on)"
+        else:
+            yield choice, choice.split(":", 1)[0]
+    return run()
+
+
+def _server_version() -> str:
+    folder = binaries()
+    if folder is None:
+        return "?"
+    out = subprocess.run([os.path.join(folder, "pg_ctl"), "--version"], capture_output=True, text=True)
+    return out.stdout.strip().split()[-1] if out.returncode == 0 else "?"
