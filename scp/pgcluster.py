@@ -170,4 +170,6 @@ def _server_version() -> str:
     if folder is None:
         return "?"
     out = subprocess.run([os.path.join(folder, "pg_ctl"), "--version"], capture_output=True, text=True)
-    return out.stdout.strip().split()[-1] if out.returncode == 0 else "?"
+    import re
+    found = re.search(r"\d+(\.\d+)+", out.stdout) if out.returncode == 0 else None
+    return found.group(0) if found else "?"
