@@ -253,13 +253,11 @@ class Compressor:
         except Exception as exc:       # the index is unreachable: try again at the next tick
             log.warning("cannot renew compression leases: %s", type(exc).__name__)
             return
+        in_hand = list(self._current.values())
         for job in jobs:
-            if job.queue_id not in held and self._current.get(self._thread_of(job)) is job:
+            if job.queue_id not in held and any(j is job for j in in_hand):     # (not finished meanwhile)
                 log.warning("the lease on %s ran out and another worker took it: this result will be discarded",
                             job.sop_uid)
-
-    def _thread_of(self, job: Job) -> int | None:
-        return next((i for i, j in list(self._current.items()) if j is job), None)
 
     def _replace(self, i: int, dead: threading.Thread) -> None:
         job = self._current.pop(i, None)

@@ -176,3 +176,22 @@ def test_a_database_that_cannot_be_used_is_a_clear_error(index_url):
     assert "OperationalError" in message and "secret" not in message
     with pytest.raises(IndexUnavailable, match="No module named 'nosuchdriver'|Can't load plugin"):
         Index("postgresql+nosuchdriver://u@127.0.0.1/x")
+
+
+def test_the_compressor_renews_the_leases_of_the_jobs_in_hand(index, tmp_path, caplog):
+    from scp.compressor import Compressor
+    from scp.storage import Storage
+    from scp.testing import node_config
+    cfg = node_config(tmp_path / "s", compression={"lease_seconds": 3})
+    queue(index, 2)
+    comp = Compressor(cfg, index, Storage(str(tmp_path / "s")))
+    job = index.claim(comp.owner(0), cfg.lease_seconds)
+    lost = index.claim(comp.owner(1), 0.5)
+    comp._current.update({0: job, 1: lost})
+    time.sleep(2)
+    assert index.claim(f"{OTHER}:b-0", 60).instance_id == lost.instance_id     # its lease ran out: taken
+    comp.renew()
+    time.sleep(2)                   # 4 s after the claim: held only because it was renewed
+    assert index.claim(f"{OTHER}:c-0") is None
+    assert any("ran out and another worker took it" in r.getMessage() and lost.sop_uid in r.getMessage()
+               for r in caplog.records)
