@@ -1,4 +1,4 @@
-"""The ``dicom-nncodec`` command: compress, decompress, info, verify, bench, train, serve, status, fsck."""
+"""The ``dicom-nncodec`` command: compress, decompress, info, verify, bench, train, serve, worker, status, fsck."""
 from __future__ import annotations
 
 import argparse
@@ -121,14 +121,23 @@ def cmd_serve(a) -> int:
     return serve(a.config)
 
 
+def cmd_worker(a) -> int:
+    from scp.worker import main as worker_main
+    return worker_main(a.config, a.threads)
+
+
 def cmd_status(a) -> int:
     from scp.config import ConfigError
+    from scp.index import IndexUnavailable
     from scp.status import report
     try:
         text = report(a.config)
     except ConfigError as exc:
         print(f"dicom-nncodec: configuration error: {exc}", file=sys.stderr)
         return 2
+    except IndexUnavailable as exc:
+        print(f"dicom-nncodec: {exc}", file=sys.stderr)
+        return 1
     print(text)
     return 0
 
@@ -186,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     s = sub.add_parser("serve", help="run the DICOM node")
     s.add_argument("--config", help="YAML configuration (default: the embedded one)")
+    w = sub.add_parser("worker", help="run compression only, for nodes that share its index and storage folder")
+    w.add_argument("--config", help="the nodes' YAML configuration (index, storage, compression)")
+    w.add_argument("--threads", type=int, default=None, help="compression threads (default: compression.workers)")
     st = sub.add_parser("status", help="stored instances, bytes, queue and failures of a node")
     st.add_argument("--config")
     fs = sub.add_parser("fsck", help="check a node's index against its files and every stored frame's checksum")
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return {"compress": cmd_compress, "decompress": cmd_decompress, "verify": cmd_verify, "info": cmd_info,
-                "train": cmd_train, "serve": cmd_serve, "status": cmd_status, "fsck": cmd_fsck}[a.command](a)
+                "train": cmd_train, "serve": cmd_serve, "worker": cmd_worker, "status": cmd_status, "fsck": cmd_fsck}[a.command](a)
     except (FileNotFoundError, ValueError) as exc:
         print(f"dicom-nncodec: {exc}", file=sys.stderr)
         return 2

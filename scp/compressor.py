@@ -28,6 +28,14 @@ pixel data: the instance is kept as received, with the codec's reason.
 A failure to write (a full disk, a read-only folder) is not the instance's
 fault: it goes back to the queue and the worker waits (also while less than
 ``storage.min_free_mb`` is free) instead of marking it failed.
+
+The same compressor runs inside a node and in ``dicom-nncodec worker``
+processes (``scp.worker``) that share the node's index and storage folder.
+Each thread claims a queue item under a lease in its own name
+(``scp.owners``); the watchdog thread renews the leases of the jobs in hand
+every third of ``compression.lease_seconds``, so a job is never coded by two
+live workers, and the job of a worker that died (its leases no longer
+renewed) is taken by another once its lease ran out.
 """
 from __future__ import annotations
 
@@ -50,7 +58,7 @@ from dicom_nncodec.dataset import compression_ratio, encoded_frames
 from dicom_nncodec.pixels import PixelFormat
 from dicom_nncodec.syntax import JPEGXLLossless
 
-from . import checks, faults, isolation, transcode
+from . import checks, faults, isolation, owners, transcode
 from . import rules as R
 from .ceilings import ratio_text
 from .config import Config
@@ -212,11 +220,18 @@ class Compressor:
         self._busy_lock = threading.Lock()
         self._paused = False
         self.restarts = 0          # workers the watchdog replaced since start
+        self.tag = owners.new_tag()        # this compressor's part of its threads' lease owner names
+        self._renewed = 0.0
+
+    def owner(self, i: int) -> str:
+        """The lease owner name of worker thread ``i``."""
+        return owners.name(self.tag, i)
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._stopping.clear()
+        owners.alive(self.tag, True)
         for i in range(self.cfg.workers):
             if i not in self._workers or not self._workers[i].is_alive():
                 self._workers[i] = self._spawn(i)
@@ -243,6 +258,8 @@ class Compressor:
         for t in self._workers.values():
             t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         self._workers = {i: t for i, t in self._workers.items() if t.is_alive()}
+        if not self._workers:
+            owners.alive(self.tag, False)     # (a claim still held is now recognised as left behind)
         return not self._workers
 
     @property
@@ -265,7 +282,8 @@ class Compressor:
     # --- the watchdog -------------------------------------------------------------------------------
 
     def _watch(self) -> None:
-        """Replace a worker thread that ended while the compressor runs (whatever ended it)."""
+        """Replace a worker thread that ended while the compressor runs (whatever ended it), and renew the
+        leases of the jobs in hand."""
         while not self._stopping.wait(WATCHDOG_SECONDS):
             for i, t in list(self._workers.items()):
                 if t.is_alive() or self._stopping.is_set():
@@ -274,6 +292,23 @@ class Compressor:
                     self._replace(i, t)
                 except Exception:      # never let the watchdog itself end
                     log.exception("compression watchdog error")
+            if time.monotonic() - self._renewed >= self.cfg.lease_seconds / 3:
+                self.renew()
+
+    def renew(self) -> None:
+        """Extend the leases of the jobs in hand; a lease found lost is logged (its result will be discarded)."""
+        self._renewed = time.monotonic()
+        jobs = list(self._current.values())
+        try:
+            held = self.index.renew(jobs, self.cfg.lease_seconds)
+        except Exception as exc:       # the index is unreachable: try again at the next tick
+            log.warning("cannot renew compression leases: %s", type(exc).__name__)
+            return
+        in_hand = list(self._current.values())
+        for job in jobs:
+            if job.queue_id not in held and any(j is job for j in in_hand):     # (not finished meanwhile)
+                log.warning("the lease on %s ran out and another worker took it: this result will be discarded",
+                            job.sop_uid)
 
     def _replace(self, i: int, dead: threading.Thread) -> None:
         job = self._current.pop(i, None)
@@ -301,7 +336,7 @@ class Compressor:
             with self._busy_lock:
                 self._busy += 1
             try:
-                job = self.index.claim() if self._room() else None
+                job = self.index.claim(self.owner(i), self.cfg.lease_seconds) if self._room() else None
                 if job is not None:
                     self._current[i] = job
                     with isolation.contained(f"compressing {job.sop_uid}"):
@@ -372,6 +407,7 @@ class Compressor:
             self.index.finish_unchanged(job, FAILED, reason)
             log.warning("compression of %s failed, original kept: %s", job.sop_uid, reason)
             return True
+        faults.point("compress.coded")
         try:
             # dataset.save names this implementation in the file meta (and copes with big-endian sources)
             path, size = self.storage.write(lambda f: dicom_nncodec.dataset.save(ds, f))
@@ -407,5 +443,6 @@ class Compressor:
                     time.monotonic() - started, f", new SOP Instance UID {new_uid}" if new_uid else "",
                     f"; {note}" if note else "")
         else:
-            log.info("compressed %s, but a newer copy arrived meanwhile: result discarded", job.sop_uid)
+            log.info("compressed %s, but a newer copy arrived or another worker took the job over meanwhile: "
+                     "result discarded", job.sop_uid)
         return True

@@ -100,6 +100,7 @@ class Config:
     workers: int
     batch_size: int
     poll_seconds: float
+    lease_seconds: float
     rules: tuple[Rule, ...]
     lossy_ceilings: CL.Ceilings
     retrieve_syntaxes: tuple[UID, ...]
@@ -547,6 +548,7 @@ def build(d: dict, source: str) -> Config:
         workers=_int(co.get("workers"), "compression.workers", 0, 64),
         batch_size=_int(co.get("batch_size"), "compression.batch_size", 1, 4096),
         poll_seconds=_num(co.get("poll_seconds"), "compression.poll_seconds", 0.01),
+        lease_seconds=_num(co.get("lease_seconds"), "compression.lease_seconds", 3.0),
         rules=rules,
         lossy_ceilings=ceilings,
         retrieve_syntaxes=tuple(ts),

@@ -19,6 +19,7 @@ POINTS = (
     "ingest.renamed",      # the file is in objects/, the index does not know it yet
     "ingest.indexed",      # the index commit is done, the C-STORE response not yet sent
     "ingest.replaced",     # duplicates: replace; the index points to the new file, the old one is still there
+    "compress.coded",      # a worker has coded and checked the result in memory, nothing is written yet
     "compress.written",    # the compressed file is in objects/, the index still points to the original
     "compress.switched",   # the index points to the compressed file, the original is still there
     "commit.recorded",     # a storage commitment request is in the index, the N-ACTION response not yet sent

@@ -23,7 +23,9 @@ orphan that is a second copy of an intact indexed instance (a crash between
 the commit and removing the superseded file) is removed; an intact orphan of
 an instance whose own file is missing or damaged becomes its file; an
 unreadable orphan is moved to quarantine/; tmp/ is emptied; lost queue items
-are recreated and items a dead worker had claimed are put back.  An index
+are recreated and items a dead worker had claimed are put back (so --repair
+also needs every compression worker sharing the folder stopped; they hold the
+same lock).  An index
 row whose file is missing or damaged is reported, never dropped.  Repair
 needs the storage folder to itself: it refuses while a node runs there.
 
@@ -48,7 +50,8 @@ from dicom_nncodec.pixels import PixelFormat
 
 from . import checks, isolation
 from . import config as C
-from .index import COMPRESSED, NOT_IMAGE, PENDING, QUEUED, RUNNING, Index, StoredRow, facts_from_dataset
+from .index import (COMPRESSED, NOT_IMAGE, PENDING, QUEUED, RUNNING, Index, IndexUnavailable, StoredRow,
+                    facts_from_dataset)
 from .storage import TEMP, Locked, Storage
 
 QUARANTINE = "quarantine"
@@ -211,7 +214,7 @@ class Fsck:
                 self.problem("queue", row.sop_uid if row else str(instance_id), "claimed by a worker that is gone",
                              f"put back ({QUEUED})")
         if self.repair:
-            self.index.recover_queue()
+            self.index.recover_queue(everything=True)
 
     # --- report ------------------------------------------------------------------------------------------
 
@@ -243,14 +246,19 @@ def check(cfg: C.Config, repair: bool = False, out: TextIO | None = None) -> int
         except Locked:
             print("a node is running on this storage folder: stop it before fsck --repair", file=out)
             return 1
-    index = Index(url)
     try:
-        index.create()
-        f = Fsck(cfg, storage, index, repair)
-        f.run()
-        return f.report(out)
+        index = Index(url)
+        try:
+            index.create()
+            f = Fsck(cfg, storage, index, repair)
+            f.run()
+            return f.report(out)
+        finally:
+            index.dispose()
+    except IndexUnavailable as exc:
+        print(f"cannot check: {exc}", file=out)
+        return 1
     finally:
-        index.dispose()
         storage.unlock()
 
 

@@ -14,6 +14,19 @@ because it lives in the queue row.
 Every change that moves a stored file is one transaction guarded by the
 instance's ``generation`` counter: a compression result for a copy that was
 replaced meanwhile is thrown away instead of overwriting the newer copy.
+
+Several processes (nodes and ``dicom-nncodec worker`` processes, on one or
+several machines) may share one index.  A compression worker claims a queue
+item with a *lease*: its owner name and a time until which no other worker
+takes it.  It renews the lease while it codes; a worker that dies stops
+renewing, and once the lease has run out any worker takes the item again.
+Only the holder of the lease may switch the instance to its result.  On
+PostgreSQL the claim is ``SELECT ... FOR UPDATE SKIP LOCKED`` (competing
+workers pass over each other's candidate rows instead of waiting); on SQLite,
+which has one writer at a time, the same statement is a compare-and-set
+``UPDATE ... WHERE`` the item is still claimable.  Lease times come from the
+database server's clock on PostgreSQL, so workers on other machines need not
+agree on the time.
 """
 from __future__ import annotations
 
@@ -23,10 +36,12 @@ import json
 import threading
 from dataclasses import dataclass
 
-from sqlalchemy import (BigInteger, ForeignKey, Integer, String, Text, create_engine, event, func, inspect, or_,
-                        select, text, update)
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import (BigInteger, ForeignKey, Integer, String, Text, and_, create_engine, event, func, inspect,
+                        or_, select, text, update)
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+from . import owners
 
 # Instance states
 PENDING = "pending"          # waiting in the compression queue
@@ -41,6 +56,16 @@ RUNNING = "running"
 
 # Failure stage of a compression worker thread that ended and was replaced (shown by status)
 WATCHDOG = "watchdog"
+
+# Seconds a claimed queue item stays reserved to its worker without renewal (compression.lease_seconds)
+LEASE_SECONDS = 60.0
+# Claims of one item by workers that died on it before it is recorded as failed (a poison instance)
+MAX_ATTEMPTS = 3
+
+
+class IndexUnavailable(RuntimeError):
+    """The index database cannot be used: its driver is missing, the URL is wrong, or the server
+    cannot be reached.  The message names the database (without password) and the reason."""
 
 
 def _now() -> _dt.datetime:
@@ -131,6 +156,9 @@ class QueueItem(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # compression delay (a rule's `after`): not claimed before this time (UTC); NULL: due at once
     due_at: Mapped[_dt.datetime | None] = mapped_column(nullable=True, index=True)
+    # lease of a claimed (running) item: who codes it, and until when nobody else may take it
+    lease_owner: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    lease_until: Mapped[_dt.datetime | None] = mapped_column(nullable=True)
 
 
 class Commitment(Base):
@@ -252,6 +280,7 @@ class Job:
     transfer_syntax: str
     received_transfer_syntax: str
     body_part: str = ""
+    owner: str = ""         # the lease owner (scp.owners.name)
 
 
 def _to_int(v) -> int | None:
@@ -363,18 +392,51 @@ class Index:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 60}
         else:
             kwargs.update(pool_pre_ping=True, pool_size=10, max_overflow=20)
-        self.engine = create_engine(url, **kwargs)
+            if url.startswith("postgresql"):     # (a server that drops packets would hold start-up for minutes)
+                kwargs["connect_args"] = {"connect_timeout": 15}
+        try:
+            self.engine = create_engine(url, **kwargs)
+        except (ImportError, SQLAlchemyError, ValueError) as exc:     # no driver, or a URL it cannot read
+            hint = (" (install the database driver; for postgresql+psycopg: pip install 'dicom-nncodec[postgres]')"
+                    if isinstance(exc, ImportError) else "")
+            raise IndexUnavailable(f"index {self.shown_url}: {_reason(exc)}{hint}") from None
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite allows one writer; serialising writes here avoids "database is locked" on upgrade.
         self._write_lock = threading.RLock() if self.is_sqlite else None
 
+    @property
+    def shown_url(self) -> str:
+        """The URL with its password hidden (for messages and logs)."""
+        try:
+            from sqlalchemy.engine import make_url
+            return make_url(self.url).render_as_string(hide_password=True)
+        except Exception:
+            return "(unreadable URL)"
+
     # --- plumbing ---------------------------------------------------------------------------------
 
     def create(self) -> None:
-        Base.metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+        """Create missing tables and add columns a newer version introduced (several processes may start
+        at once on one PostgreSQL database: they take turns).  Raises :class:`IndexUnavailable` when the
+        database cannot be reached."""
+        try:
+            with self.engine.begin() as conn:
+                if not self.is_sqlite:
+                    conn.execute(text("SELECT pg_advisory_xact_lock(7423019)"))    # (any constant of this product)
+                Base.metadata.create_all(conn)
+                _add_missing_columns(conn)
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"index {self.shown_url}: {_reason(exc)}") from None
+
+    def check(self) -> None:
+        """Connect once; :class:`IndexUnavailable` with the reason when the database cannot be reached."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except SQLAlchemyError as exc:
+            raise IndexUnavailable(f"index {self.shown_url}: {_reason(exc)}") from None
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -468,6 +530,7 @@ class Index:
                 s.add(item)
             else:
                 item.generation, item.state, item.started_at = inst.generation, QUEUED, None
+                item.lease_owner, item.lease_until, item.attempts = "", None, 0
             item.due_at = received + _dt.timedelta(seconds=delay) if delay > 0 else None
         elif item is not None:
             s.delete(item)
@@ -475,45 +538,99 @@ class Index:
 
     # --- the compression queue -----------------------------------------------------------------------
 
-    def recover_queue(self) -> int:
-        """Items a stopped process was working on go back to the queue."""
+    def recover_queue(self, everything: bool = False) -> int:
+        """Items claimed by workers of this host that no longer run go back to the queue at once
+        (``everything``: all claimed items, for fsck --repair, which has the storage to itself).
+        Items of workers on other hosts wait until their lease runs out."""
         with self.writing() as s:
-            return s.execute(update(QueueItem).where(QueueItem.state == RUNNING)
-                             .values(state=QUEUED, started_at=None)).rowcount
+            running = s.execute(select(QueueItem.id, QueueItem.lease_owner).where(QueueItem.state == RUNNING)).all()
+            gone = [qid for qid, owner in running if everything or owners.gone(owner)]
+            if not gone:
+                return 0
+            return s.execute(update(QueueItem).where(QueueItem.id.in_(gone), QueueItem.state == RUNNING)
+                             .values(state=QUEUED, started_at=None, lease_owner="", lease_until=None)).rowcount
 
-    def claim(self) -> Job | None:
-        """Take the oldest queued item that is due (marked running) or None."""
+    # --- leases: claiming, renewing and giving back queue items ------------------------------------------
+
+    def _clock(self):
+        """Now, as lease times are kept: the database server's UTC clock on PostgreSQL (workers on other
+        machines may disagree about the time), this machine's on SQLite (one machine)."""
+        return _now() if self.is_sqlite else func.timezone("UTC", func.now())
+
+    def _claimable(self):
+        return or_(and_(QueueItem.state == QUEUED, _due(_now())),
+                   and_(QueueItem.state == RUNNING,
+                        or_(QueueItem.lease_until.is_(None), QueueItem.lease_until < self._clock())))
+
+    def claim(self, owner: str = "", lease_seconds: float = LEASE_SECONDS) -> Job | None:
+        """Take the oldest claimable item (queued, or running under a lease that ran out) for ``owner``
+        until ``lease_seconds`` from now, or None.  An item whose workers died on it ``MAX_ATTEMPTS``
+        times is recorded as failed instead (the instance is kept as received)."""
+        lease = _dt.timedelta(seconds=lease_seconds)
         with self.writing() as s:
             for _ in range(5):
-                row = s.execute(select(QueueItem, Instance).join(Instance, QueueItem.instance_pk == Instance.id)
-                                .where(QueueItem.state == QUEUED, _due(_now()))
-                                .order_by(QueueItem.id).limit(1)).first()
-                if row is None:
+                item = s.scalars(select(QueueItem).where(self._claimable()).order_by(QueueItem.id).limit(1)
+                                 .with_for_update(skip_locked=True)).first()
+                if item is None:
                     return None
-                item, inst = row
-                # compare-and-set, so two processes sharing a PostgreSQL index never take the same item
-                n = s.execute(update(QueueItem).where(QueueItem.id == item.id, QueueItem.state == QUEUED)
-                              .values(state=RUNNING, started_at=_now(), attempts=QueueItem.attempts + 1)).rowcount
-                if n:
-                    series = s.get(Series, inst.series_pk)
-                    return Job(item.id, inst.id, item.generation, inst.path, inst.sop_uid, inst.sop_class_uid,
-                               series.modality if series else "", inst.calling_ae, inst.bits_stored,
-                               inst.photometric, inst.transfer_syntax, inst.received_transfer_syntax,
-                               series.body_part if series else "")
+                if item.state == RUNNING and item.attempts >= MAX_ATTEMPTS:
+                    self._poisoned(s, item)
+                    continue
+                # compare-and-set (what keeps two SQLite processes apart; on PostgreSQL the row is locked)
+                n = s.execute(update(QueueItem).where(QueueItem.id == item.id, self._claimable())
+                              .values(state=RUNNING, started_at=_now(), attempts=QueueItem.attempts + 1,
+                                      lease_owner=owner, lease_until=self._clock() + lease)).rowcount
+                if not n:
+                    continue
+                inst = s.get(Instance, item.instance_pk)
+                series = s.get(Series, inst.series_pk)
+                return Job(item.id, inst.id, item.generation, inst.path, inst.sop_uid, inst.sop_class_uid,
+                           series.modality if series else "", inst.calling_ae, inst.bits_stored,
+                           inst.photometric, inst.transfer_syntax, inst.received_transfer_syntax,
+                           series.body_part if series else "", owner)
             return None
 
-    def release(self, job: Job) -> None:
-        """Put a claimed item back (shutdown before it was done)."""
+    def _poisoned(self, s: Session, item: QueueItem) -> None:
+        inst = s.get(Instance, item.instance_pk)
+        reason = f"{item.attempts} compression workers stopped while on it (last: {item.lease_owner or '?'})"
+        if inst is not None and inst.generation == item.generation:
+            inst.state, inst.state_reason = FAILED, reason
+        s.add(Failure(stage="compress", sop_uid=inst.sop_uid if inst else "", reason=reason))
+        s.delete(item)
+        s.flush()
+
+    def renew(self, jobs: list[Job], lease_seconds: float = LEASE_SECONDS) -> set[int]:
+        """Extend the leases of ``jobs``; the queue ids of those still held (a job missing from the
+        answer was taken over by another worker after its lease ran out, or finished by fsck)."""
+        held: set[int] = set()
+        if not jobs:
+            return held
+        lease = _dt.timedelta(seconds=lease_seconds)
         with self.writing() as s:
-            s.execute(update(QueueItem).where(QueueItem.id == job.queue_id, QueueItem.state == RUNNING)
-                      .values(state=QUEUED, started_at=None))
+            for job in jobs:
+                if s.execute(update(QueueItem).where(QueueItem.id == job.queue_id, QueueItem.state == RUNNING,
+                                                     QueueItem.lease_owner == job.owner)
+                             .values(lease_until=self._clock() + lease)).rowcount:
+                    held.add(job.queue_id)
+        return held
+
+    def release(self, job: Job) -> None:
+        """Put a claimed item back (shutdown before it was done, or nothing can be written now); a claim
+        given back is not counted as an attempt."""
+        with self.writing() as s:
+            s.execute(update(QueueItem).where(QueueItem.id == job.queue_id, QueueItem.state == RUNNING,
+                                              QueueItem.lease_owner == job.owner)
+                      .values(state=QUEUED, started_at=None, lease_owner="", lease_until=None,
+                              attempts=QueueItem.attempts - 1))
 
     def _finish(self, s: Session, job: Job) -> Instance | None:
-        """The instance if ``job`` is still current (same generation); the queue item is removed
-        when it belongs to this generation."""
-        item = s.get(QueueItem, job.queue_id)
+        """The instance if ``job`` is still current (same generation, and its worker still holds the
+        lease); the queue item is removed when it belongs to this generation and lease."""
+        item = s.scalars(select(QueueItem).where(QueueItem.id == job.queue_id).with_for_update()).first()
+        if item is None or item.lease_owner != job.owner:
+            return None          # another worker took it over (this one's lease ran out) or finished it
         inst = s.get(Instance, job.instance_id)
-        if item is not None and item.generation == job.generation:
+        if item.generation == job.generation:
             s.delete(item)       # (a newer copy re-queued the item under its own generation: leave that)
         if inst is None or inst.generation != job.generation:
             return None
@@ -686,19 +803,29 @@ def _delayed(s: Session) -> tuple[int, _dt.datetime | None]:
     return n or 0, first
 
 
-def _add_missing_columns(engine) -> None:
-    """Columns added to a table after an index was created (nullable ones only) are added to it,
-    so that an index written by an older version opens; ``create_all`` makes missing tables only."""
-    names = inspect(engine).get_table_names()
-    with engine.begin() as conn:
-        for table in Base.metadata.sorted_tables:
-            if table.name not in names:
+def _reason(exc: BaseException) -> str:
+    """The first line of what the driver said (without SQLAlchemy's statement dump and links)."""
+    orig = getattr(exc, "orig", None) or exc
+    first = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {first[0] if first else ''}".rstrip(": ")
+
+
+def _add_missing_columns(conn) -> None:
+    """Add the columns a newer version of this module declares to tables an older one created
+    (nullable or with a server default, so existing rows stay valid)."""
+    insp = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        have = {c["name"] for c in insp.get_columns(table.name)}
+        for col in table.columns:
+            if col.name in have:
                 continue
-            have = {c["name"] for c in inspect(conn).get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in have and column.nullable:
-                    kind = column.type.compile(dialect=engine.dialect)
-                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+            if not col.nullable and col.server_default is None:
+                raise IndexUnavailable(f"table {table.name} lacks column {col.name}, which cannot be added "
+                                       f"to existing rows")
+            sql = f"ALTER TABLE {table.name} ADD COLUMN {col.name} {col.type.compile(dialect=conn.dialect)}"
+            if col.server_default is not None:
+                sql += f" DEFAULT '{col.server_default.arg}'"
+            conn.execute(text(sql))
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

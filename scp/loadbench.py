@@ -227,8 +227,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--storage", help="storage folder (default: a temporary one, removed afterwards)")
     p.add_argument("--max-rss-mb", type=float, default=2048, help="fail when the node's peak RSS exceeds this")
+    p.add_argument("--index", default="sqlite",
+                   help="the node's index: sqlite (default), postgresql (a throwaway local server) or a URL")
     p.add_argument("--json", help="also write the figures to this file")
     a = p.parse_args(argv)
+    from .pgcluster import Unavailable, for_bench
+    try:
+        with for_bench(a.index) as (url, label):
+            return run(a, url, label)
+    except Unavailable as exc:
+        print(f"loadbench: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(a, index_url: str, index_label: str) -> int:
+    """One load run against a node with the index ``index_url`` ("" : SQLite in the storage folder)."""
     seconds = a.seconds if a.seconds is not None else a.minutes * 60
 
     from .index import Index
@@ -243,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"compression: {{device: {a.device}, workers: {a.workers}, poll_seconds: 0.5}}\n"
                 f"limits: {{max_associations: {a.senders + a.retrievers + 4}, shutdown_grace_seconds: 10}}\n"
                 "peers: [{ae_title: RETRIEVER, host: 127.0.0.1, port: 1}]\n"
-                f"logging: {{file: {json.dumps(os.path.join(folder, 'node.log'))}}}\n")
+                f"logging: {{file: {json.dumps(os.path.join(folder, 'node.log'))}}}\n"
+                f"index: {{url: {json.dumps(index_url)}}}\n")
     bench = Bench(a)
     node = NodeProcess(config, a.port).start()
     pid = node.proc.pid
@@ -264,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.monotonic() - started
         peak = max([_rss_mb(pid, "VmHWM")] + [r for _, r in course])
         rss_end = _rss_mb(pid)
-        index = Index("sqlite:///" + os.path.join(storage, "index.sqlite"))
+        index = Index(index_url or "sqlite:///" + os.path.join(storage, "index.sqlite"))
         stats = index.stats()
         index.dispose()
     finally:
@@ -280,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         if course else []
     out = {
         "senders": a.senders, "retrievers": a.retrievers, "seconds": round(elapsed, 1), "image": f"{a.size}x{a.size}x16",
-        "compression_workers": a.workers, "instances": n, "instances_per_s": round(n / elapsed, 1),
+        "compression_workers": a.workers, "index": index_label, "instances": n, "instances_per_s": round(n / elapsed, 1),
         "mb_per_s": round(f.stored_bytes / 2**20 / elapsed, 2),
         "store_ms": {"p50": _pct(f.store_latency, 50), "p95": _pct(f.store_latency, 95), "p99": _pct(f.store_latency, 99)},
         "gets": len(f.get_latency), "get_ms": {"p50": _pct(f.get_latency, 50), "p95": _pct(f.get_latency, 95)},
@@ -293,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     ms = lambda d: ", ".join(f"{k} {v:.0f} ms" for k, v in d.items())   # noqa: E731
     print(f"load benchmark: {a.senders} senders, {a.retrievers} retrievers, {elapsed:.0f} s, "
-          f"{a.size}x{a.size} 16-bit images ({a.size * a.size * 2 // 1024} KiB), {a.workers} compression workers")
+          f"{a.size}x{a.size} 16-bit images ({a.size * a.size * 2 // 1024} KiB), {a.workers} compression workers, "
+          f"index {index_label}")
     print(f"stored     {n} instances, {out['instances_per_s']} /s, {out['mb_per_s']} MB/s; C-STORE {ms(out['store_ms'])}")
     print(f"retrieved  {out['gets']} C-GET ({ms(out['get_ms'])}), {out['finds']} C-FIND ({ms(out['find_ms'])}), "
           "pixels compared with what was sent")

@@ -32,7 +32,7 @@ from . import config as C
 from .commitment import Commitments
 from .compressor import Compressor
 from .handlers import Services, bindings
-from .index import Index
+from .index import Index, IndexUnavailable
 from .ingest import Ingest
 from .retrieve import Retrieval
 from .storage import Storage
@@ -195,23 +195,36 @@ def setup_logging(cfg: C.Config):
 
 def serve(config_path: str | None) -> int:
     """Run the node in the foreground until SIGINT/SIGTERM; 2 on a configuration error."""
+    return run_foreground(config_path, Node, check_startup)
+
+
+def run_foreground(config_path: str | None, make, check=None) -> int:
+    """Load the configuration, ``make(cfg)`` a service with start() and stop(), run it until SIGINT or
+    SIGTERM (``serve`` and ``dicom-nncodec worker``).  2 on a configuration error; 1 when it cannot
+    start (a port in use, an index that cannot be reached)."""
     try:
         cfg = C.load(config_path)
-        check_startup(cfg)
+        if check is not None:
+            check(cfg)
     except C.ConfigError as exc:
         print(f"dicom-nncodec: configuration error: {exc}", file=sys.stderr)
         return 2
     restore_logging = setup_logging(cfg)
     try:
-        return _run(Node(cfg))
+        try:
+            service = make(cfg)
+        except IndexUnavailable as exc:
+            print(f"dicom-nncodec: cannot start: {exc}", file=sys.stderr)
+            return 1
+        return _run(service)
     finally:
         restore_logging()
 
 
-def _run(node: Node) -> int:
+def _run(node) -> int:
     try:
         node.start()
-    except OSError as exc:
+    except (OSError, IndexUnavailable) as exc:
         print(f"dicom-nncodec: cannot start: {exc}", file=sys.stderr)
         return 1
     stop = threading.Event()

@@ -420,7 +420,8 @@ class NodeSystem(System):
     label = "this node"
     ae_title = NODE_AE
 
-    def __init__(self, workdir: str, dcmsend: str, getscu: str, workers: int, action: str = "lossless"):
+    def __init__(self, workdir: str, dcmsend: str, getscu: str, workers: int, action: str = "lossless",
+                 index_url: str = ""):
         super().__init__(workdir, dcmsend, getscu)
         self.storage = os.path.join(workdir, "storage")
         self.config_file = os.path.join(workdir, "node.yaml")
@@ -429,6 +430,8 @@ class NodeSystem(System):
                        "compression": {"workers": workers, "rules": [{"action": action}]},
                        "peers": [{"name": "nodebench getscu", "ae_title": SCU_AE, "host": "127.0.0.1",
                                   "port": 11113, "allow": ["echo", "store", "find", "get", "move"]}]}
+        if index_url:
+            self.config["index"] = {"url": index_url}
         self._index = None
 
     def start(self) -> "NodeSystem":
@@ -617,8 +620,8 @@ def decode_only(storage: str) -> dict:
 
 
 def run_node(study: Study, work: str, dcmsend: str, getscu: str, workers: int, timeout: float,
-             action: str = "lossless") -> dict:
-    node = NodeSystem(os.path.join(work, "node"), dcmsend, getscu, workers, action)
+             action: str = "lossless", index_url: str = "") -> dict:
+    node = NodeSystem(os.path.join(work, "node"), dcmsend, getscu, workers, action, index_url)
     res: dict = {"label": node.label, "loadavg_at_start": loadavg(), "config": node.config}
     try:
         node.start()
@@ -735,7 +738,7 @@ def table(report: dict) -> str:
              f"start, {' '.join(f'{x:.2f}' for x in m['loadavg_end'])} at the end; OMP_NUM_THREADS "
              f"{m['omp_num_threads'] or 'unset'}; node: {node['config']['compression']['workers']} compression "
              f"worker(s), rule action {node['config']['compression']['rules'][0]['action']}, codec device "
-             f"{m['codec_device']}", ""]
+             f"{m['codec_device']}, index {m.get('index', 'SQLite')}", ""]
     rows = [
         ("ingest, dcmsend", lambda r: _f(g(r, "ingest", "seconds"), ".2f", " s")),
         ("  instances/s", lambda r: _f(g(r, "ingest", "instances_per_s"), ".1f")),
@@ -831,7 +834,8 @@ def _codec_device() -> str:
 
 
 def benchmark(study_dir: str | None, slices: int, workers: int, size: int = 512, orthanc: bool = True,
-              diagnostics: bool = True, timeout: float = 3600, action: str = "lossless") -> dict:
+              diagnostics: bool = True, timeout: float = 3600, action: str = "lossless", index_url: str = "",
+              index_label: str = "SQLite") -> dict:
     """Run everything; the report (see :func:`table`).  RuntimeError when DCMTK is missing."""
     dcmsend, getscu = find_dcmtk("dcmsend"), find_dcmtk("getscu")
     if not dcmsend or not getscu:
@@ -850,8 +854,8 @@ def benchmark(study_dir: str | None, slices: int, workers: int, size: int = 512,
                         "machine": {"cpus": os.cpu_count(), "loadavg_start": loadavg(),
                                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                                     "codec_device": _codec_device(), "dcmsend": dcmsend, "getscu": getscu,
-                                    "orthanc": executable}}
-        report["node"] = run_node(study, work, dcmsend, getscu, workers, timeout, action)
+                                    "orthanc": executable, "index": index_label}}
+        report["node"] = run_node(study, work, dcmsend, getscu, workers, timeout, action, index_url)
         report["orthanc"] = run_orthanc(study, work, dcmsend, getscu, executable, timeout) if executable else None
         if executable is None:
             report["orthanc_missing"] = "Orthanc not found (apt-get install orthanc)" if orthanc else "not asked for"
@@ -876,8 +880,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-orthanc", action="store_true", help="measure the node alone")
     p.add_argument("--no-diagnostics", action="store_true", help="skip the decode-only and uncompressed-node runs")
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed for each step")
+    p.add_argument("--index", default="sqlite",
+                   help="the node's index: sqlite (default), postgresql (a throwaway local server) or a URL")
     p.add_argument("--json", help="also write the report to this file")
     a = p.parse_args(argv)
+    from .pgcluster import for_bench
 
     def terminated(signum, _frame):
         raise SystemExit(128 + signum)       # so that the servers are stopped and the folders removed
@@ -886,9 +893,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:                       # not the main thread: leave signals alone
         previous = None
     try:
-        report = benchmark(a.study, a.slices, a.workers, a.size, not a.no_orthanc, not a.no_diagnostics, a.timeout,
-                           a.action)
-    except (RuntimeError, ValueError) as exc:
+        with for_bench(a.index) as (url, label):
+            report = benchmark(a.study, a.slices, a.workers, a.size, not a.no_orthanc, not a.no_diagnostics,
+                               a.timeout, a.action, url, label)
+    except (RuntimeError, ValueError) as exc:       # (Unavailable is a RuntimeError)
         print(f"nodebench: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -29,7 +29,8 @@ def report(config_path: str | None) -> str:
 
 
 def report_for(cfg: C.Config) -> str:
-    """The status text for a loaded configuration."""
+    """The status text for a loaded configuration (:class:`scp.index.IndexUnavailable` when the index
+    database cannot be reached)."""
     url = C.resolved_index_url(cfg)
     shown_url = make_url(url).render_as_string(hide_password=True)
     ports = ", ".join(f"{name} {port}" for name, port in (("port", cfg.port), ("TLS port", cfg.tls.port))
@@ -43,6 +44,7 @@ def report_for(cfg: C.Config) -> str:
         return "\n".join(lines) + "\n"
     index = Index(url)
     try:
+        index.check()
         st = index.stats()
     finally:
         index.dispose()

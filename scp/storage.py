@@ -12,9 +12,13 @@ storage root, so the folder can be moved.
 A received data set is first *staged* (written to tmp/ and checked there, so
 no copy of it is held in memory) and only *committed* (fsynced and renamed
 into objects/) once it passed its checks.  Whatever a crash leaves in tmp/ was
-never acknowledged and is removed at the next start.  A running node holds a
-shared lock on ``node.lock``; ``fsck --repair`` takes it exclusively, so it
-never rearranges files under a running node.
+never acknowledged and is removed at the next start.  Several processes (nodes
+and compression workers) may share one storage folder: a temporary name
+carries the writing process's host and process id, and a start removes only
+those of processes of its host that no longer run.  A running node or worker
+holds a shared lock on ``node.lock``; ``fsck --repair`` takes it exclusively,
+so it never rearranges files under a running one (on a network file system
+as far as it supports ``flock``: NFS v4 does).
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ import os
 import shutil
 import uuid
 from typing import BinaryIO, Callable, Iterable
+
+from . import owners
 
 try:
     import fcntl
@@ -85,11 +91,14 @@ class Storage:
             self._lock_fd = None
 
     def prepare(self) -> None:
-        """Create the folders and drop temporary files a crash left behind."""
+        """Create the folders and drop temporary files that processes of this host left behind when they
+        stopped (those of running processes, and of other hosts, are left alone)."""
         os.makedirs(os.path.join(self.root, OBJECTS), exist_ok=True)
         tmp = os.path.join(self.root, TEMP)
         os.makedirs(tmp, exist_ok=True)
         for name in os.listdir(tmp):
+            if not owners.gone(temp_owner(name)):
+                continue
             try:
                 os.unlink(os.path.join(tmp, name))
             except OSError:
@@ -114,7 +123,7 @@ class Storage:
 
     def stage(self, content: Content) -> Staged:
         """Write ``content`` to a new file in tmp/ (not yet durable, not yet in objects/)."""
-        tmp = os.path.join(self.root, TEMP, uuid.uuid4().hex + ".part")
+        tmp = os.path.join(self.root, TEMP, f"{uuid.uuid4().hex}.{owners.name()}.part")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             with os.fdopen(fd, "wb") as f:
@@ -170,6 +179,12 @@ class Storage:
 
     def free_mb(self) -> float:
         return shutil.disk_usage(self.root).free / 2**20
+
+
+def temp_owner(name: str) -> str:
+    """The process (scp.owners.name) that wrote the temporary file ``name``; "" for an older name."""
+    parts = name.split(".", 1)
+    return parts[1][:-len(".part")] if len(parts) == 2 and parts[1].endswith(".part") else ""
 
 
 def _fsync_file(path: str) -> None:

@@ -36,10 +36,15 @@ def merged(base: dict, extra: dict) -> dict:
     return out
 
 
+# index.url of the nodes made here when a test gives none ("": SQLite in the storage folder); the
+# tests' index_backend fixture sets it to a PostgreSQL database to run the same tests against that
+DEFAULT_INDEX_URL = ""
+
+
 def node_config(storage_path, **overrides) -> C.Config:
     """A configuration for a node on 127.0.0.1 (a free port) storing in ``storage_path``, compressing on
     the CPU.  ``overrides`` are laid over it like a YAML file (nested dicts)."""
-    base = {"bind": "127.0.0.1", "port": 0,
+    base = {"bind": "127.0.0.1", "port": 0, "index": {"url": DEFAULT_INDEX_URL},
             "storage": {"path": str(storage_path), "min_free_mb": 0},
             "compression": {"device": "cpu", "poll_seconds": 0.2},
             "limits": {"shutdown_grace_seconds": 10, "acse_timeout": 10, "dimse_timeout": 30,
@@ -357,6 +362,15 @@ class NodeProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120) -> "NodeProcess":
+        self._spawn("serve")
+        try:
+            wait_for_listener(self.proc, self.port, timeout, self.output)
+        except TimeoutError:
+            self.kill()
+            raise RuntimeError("the node did not start listening") from None
+        return self
+
+    def _spawn(self, command: str, *args: str) -> None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
         env.pop("NNCODEC_CRASH_AT", None)
@@ -364,17 +378,13 @@ class NodeProcess:
             env["NNCODEC_CRASH_AT"] = self.crash_at
         self.stderr_path = self.config_path + ".stderr"
         with open(self.stderr_path, "ab") as err:      # (a pipe nobody reads could fill up and block the node)
-            self.proc = subprocess.Popen([sys.executable, "-m", "dicom_nncodec.cli", "serve", "--config",
-                                          self.config_path], env=env, stdout=subprocess.DEVNULL, stderr=err)
-        def output():
-            with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
-                return f.read()[-2000:]
-        try:
-            wait_for_listener(self.proc, self.port, timeout, output)
-        except TimeoutError:
-            self.kill()
-            raise RuntimeError("the node did not start listening") from None
-        return self
+            self.proc = subprocess.Popen([sys.executable, "-m", "dicom_nncodec.cli", command, "--config",
+                                          self.config_path, *args], env=env, stdout=subprocess.DEVNULL, stderr=err)
+
+    def output(self) -> str:
+        """The end of what the process wrote to standard error (its log, unless logging.file is set)."""
+        with open(self.stderr_path, encoding="utf-8", errors="replace") as f:
+            return f.read()[-2000:]
 
     @property
     def alive(self) -> bool:
@@ -397,6 +407,29 @@ class NodeProcess:
         if self.alive:
             self.proc.send_signal(signal.SIGTERM)
         return self.wait(timeout)
+
+
+class WorkerProcess(NodeProcess):
+    """``python -m dicom_nncodec.cli worker --config FILE`` as a child process (``crash_at`` as for a node)."""
+
+    def __init__(self, config_path, crash_at: str | None = None, threads: int | None = None):
+        super().__init__(config_path, 0, crash_at)
+        self.threads = threads
+
+    def start(self, timeout: float = 120) -> "WorkerProcess":
+        """Start it and wait until its compression threads run (its log says so)."""
+        self._spawn("worker", *(["--threads", str(self.threads)] if self.threads else []))
+
+        def started():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the worker exited with {self.proc.returncode}:\n{self.output()}")
+            return "compression worker" in self.output()
+        try:
+            wait_until(started, timeout, "the worker to start")
+        except TimeoutError:
+            self.kill()
+            raise
+        return self
 
 
 # --- storage commitment, as a sender asks for it -----------------------------------------------------------

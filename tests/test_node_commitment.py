@@ -3,6 +3,8 @@ data that arrived as it is, decodes); the report on the same association or on a
 survive a restart."""
 from __future__ import annotations
 
+import pytest
+
 import logging
 import os
 import time
@@ -21,6 +23,9 @@ from scp.index import Instance
 from scp.node import Node
 from scp.testing import CommitmentSCU, node_config, running_node, send
 from tests.test_node_fsck import damage_payload
+
+# every test here runs with an SQLite and with a PostgreSQL index (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("index_backend")
 
 
 def read(name="CT_small.dcm"):

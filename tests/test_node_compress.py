@@ -9,6 +9,7 @@ from pydicom.uid import generate_uid
 
 import dicom_nncodec
 from dicom_nncodec.dataset import encoded_frames, values
+from scp import config as C
 from scp import rules as R
 from scp import status
 from scp.compressor import AboveCeiling, compress_verified, frame_ratios
@@ -16,6 +17,9 @@ from scp.index import COMPRESSED, FAILED, KEPT, Index, Instance
 from scp.node import Node
 from scp.testing import node_config, running_node, send
 from .imaging import make_dataset, smooth_image
+
+# every test here runs with an SQLite and with a PostgreSQL index (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("index_backend")
 
 LOSSLESS = str(dicom_nncodec.NNCodecLossless)
 LOSSY = str(dicom_nncodec.NNCodecLossy)
@@ -136,7 +140,7 @@ def test_the_queue_survives_a_restart(tmp_path):
     assert send(node.port, datasets) == [0, 0, 0]
     node.index.claim()              # as if a worker was killed in the middle of an instance
     node.stop()
-    idx = Index(f"sqlite:///{tmp_path / 's' / 'index.sqlite'}")
+    idx = Index(C.resolved_index_url(cfg))
     assert idx.stats()["queue"] == {"queued": 2, "running": 1}
     idx.dispose()
     with running_node(tmp_path / "s") as node:
@@ -151,7 +155,9 @@ def test_stop_finishes_the_instance_in_progress(tmp_path):
     datasets = [read("emri_small.dcm") for _ in range(4)]
     with running_node(tmp_path / "s") as node:
         assert send(node.port, datasets) == [0] * 4
-    st = Index(f"sqlite:///{tmp_path / 's' / 'index.sqlite'}").stats()
+    idx = Index(C.resolved_index_url(node.cfg))
+    st = idx.stats()
+    idx.dispose()
     assert st["queue"].get("running", 0) == 0            # nothing left claimed
     assert st["by_state"].get("compressed", 0) + st["queue"].get("queued", 0) == 4
 

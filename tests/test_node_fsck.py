@@ -19,10 +19,14 @@ from pydicom.uid import generate_uid
 
 import dicom_nncodec
 from dicom_nncodec import bitstream as B
+from scp import config as C
 from scp import fsck
 from scp.index import COMPRESSED, PENDING, Index, Instance
 from scp.node import Node
 from scp.testing import node_config, running_node, send
+
+# every test here runs with an SQLite and with a PostgreSQL index (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("index_backend")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +43,7 @@ def run_fsck(cfg, repair=False) -> tuple[int, str]:
 
 
 def rows(cfg) -> dict[str, Instance]:
-    idx = Index(f"sqlite:///{cfg.storage_path}/index.sqlite")
+    idx = Index(C.resolved_index_url(cfg))
     try:
         with idx.session() as s:
             return {i.sop_uid: i for i in s.query(Instance).all()}
@@ -118,7 +122,7 @@ def test_repair_reindexes_orphans_and_reattaches_copies(stored):
     lost = os.path.join(root, got[compressed_ct.SOPInstanceUID].path)
     shutil.move(lost, os.path.join(root, "objects", "ff", "ff", "copy.dcm"))
     # 4. a pending instance that lost its queue item; 5. a file nobody can read
-    idx = Index(f"sqlite:///{root}/index.sqlite")
+    idx = Index(C.resolved_index_url(cfg))
     for item_id, instance_id, _ in idx.queue_items():
         if instance_id == got[native_ct.SOPInstanceUID].id:
             idx.drop_queue_item(item_id)

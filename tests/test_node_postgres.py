@@ -1,11 +1,12 @@
-"""The node with a PostgreSQL index: store, compress, find and get through the same code as SQLite.
+"""The node with a PostgreSQL index: store, compress, find and get through the same code as SQLite;
+two nodes receiving at once into one index and one storage folder.
 
-Runs only when NNCODEC_TEST_POSTGRES_URL names a database that may be emptied, e.g.
-postgresql+psycopg://user@127.0.0.1:5432/nncodec_test (needs the `postgres` extra, psycopg 3).
+PostgreSQL is a throwaway server of the test session (tests/conftest.py, scp.pgcluster), or the
+database NNCODEC_TEST_POSTGRES_URL names (emptied first).  Skipped, with the reason, when neither
+the server binaries nor that variable are there.
 """
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
@@ -17,17 +18,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind as FIND,
                                   StudyRootQueryRetrieveInformationModelGet as GET)
 
-URL = os.environ.get("NNCODEC_TEST_POSTGRES_URL", "")
-pytestmark = pytest.mark.skipif(not URL, reason="set NNCODEC_TEST_POSTGRES_URL to test with PostgreSQL")
 
-
-def test_store_compress_find_get_with_postgresql(tmp_path):
-    pytest.importorskip("psycopg")
-    from scp.index import Base, Index
+def test_store_compress_find_get_with_postgresql(tmp_path, postgres_url):
     from scp.testing import find, get, running_node, send
-    idx = Index(URL)
-    Base.metadata.drop_all(idx.engine)
-    idx.dispose()
+    URL = postgres_url
     study = generate_uid()
     batches = []
     for _ in range(3):
@@ -63,3 +57,53 @@ def test_store_compress_find_get_with_postgresql(tmp_path):
         assert (final.Status, final.NumberOfCompletedSuboperations) == (0, 6)
         for _, ds in received:
             assert np.array_equal(ds.pixel_array, originals[ds.SOPInstanceUID].pixel_array)
+
+
+def test_two_nodes_receive_at_once_into_one_index_and_folder(tmp_path, index_url):
+    """Each node receives from two senders at once; both then answer every query the same way, and
+    their compression workers (one each) share the queue."""
+    from scp.testing import find, get, running_node, send
+    storage = tmp_path / "shared"
+    index = {"url": index_url} if index_url else {}
+    if not index_url:          # one SQLite file in the shared folder (one machine)
+        index = {"url": f"sqlite:///{storage / 'index.sqlite'}"}
+    study, originals = generate_uid(), {}
+    batches = []
+    for _ in range(4):
+        batch = []
+        for name in ("CT_small.dcm", "MR_small.dcm"):
+            ds = dcmread(get_testdata_file(name))
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.StudyInstanceUID = study
+            batch.append(ds)
+            originals[ds.SOPInstanceUID] = ds
+        batches.append(batch)
+    peers = [{"ae_title": "SCU", "host": "127.0.0.1", "port": 1}]
+    with running_node(storage, index=index, peers=peers) as a, \
+            running_node(storage, index=index, peers=peers, ae_title="NODEB") as b:
+        results = []
+        threads = [threading.Thread(target=lambda n=n, bt=bt: results.append(send(n.port, bt, called_ae=n.cfg.ae_title)))
+                   for n, bt in zip((a, b, a, b), batches)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert results == [[0, 0]] * 4
+        assert a.compressor.wait_idle(120) and b.compressor.wait_idle(120)
+        assert a.index.stats()["by_state"] == {"compressed": 8}
+        answers = []
+        for node in (a, b):
+            q = Dataset()
+            q.QueryRetrieveLevel, q.StudyInstanceUID, q.SOPInstanceUID, q.SeriesInstanceUID = "IMAGE", study, "", ""
+            status, found = find(node.port, q, FIND)
+            assert status == 0
+            answers.append(sorted(str(f.SOPInstanceUID) for f in found))
+            q = Dataset()
+            q.QueryRetrieveLevel, q.StudyInstanceUID = "STUDY", study
+            final, received = get(node.port, q, GET, sorted({d.SOPClassUID for d in originals.values()}),
+                                  [ExplicitVRLittleEndian])
+            assert (final.Status, final.NumberOfCompletedSuboperations) == (0, 8)
+            for _, ds in received:
+                assert np.array_equal(ds.pixel_array, originals[ds.SOPInstanceUID].pixel_array)
+        assert answers[0] == answers[1] == sorted(originals)
+        assert len(a.storage.files()) == 8          # each instance stored once (originals removed)

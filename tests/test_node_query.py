@@ -11,6 +11,9 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind a
 
 from scp.testing import find, running_node, send
 
+# every test here runs with an SQLite and with a PostgreSQL index (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("index_backend")
+
 S1, S2, S3 = (generate_uid() for _ in range(3))
 SE_CT, SE_MR, SE_B, SE_C = (generate_uid() for _ in range(4))
 

@@ -20,6 +20,9 @@ from dicom_nncodec.syntax import JPEGXLLossless
 from scp.index import Instance
 from scp.testing import StorageSCP, failed_uids, get, move, running_node, send
 
+# every test here runs with an SQLite and with a PostgreSQL index (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("index_backend")
+
 STUDY = generate_uid()
 
 

@@ -14,6 +14,9 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Ver
 from scp.index import Instance, NOT_IMAGE, PENDING
 from scp.testing import running_node, send
 
+# every test here runs with an SQLite and with a PostgreSQL index (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("index_backend")
+
 FILES = ["CT_small.dcm", "MR_small.dcm", "emri_small.dcm", "SC_rgb.dcm", "MR_small_jpeg_ls_lossless.dcm",
          "MR_small_RLE.dcm", "emri_small_jpeg_2k_lossless.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPEG2000.dcm",
          "image_dfl.dcm", "MR_small_bigendian.dcm", "JPEGLSNearLossless_08.dcm"]
