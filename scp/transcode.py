@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from typing import Iterable
 
 import numpy as np
@@ -129,6 +130,12 @@ def _big_to_little(ds: Dataset) -> Dataset:
     return ds
 
 
+# pydicom's JPEG 2000 encoder (pylibjpeg-openjpeg) crashes the process when two threads encode at once
+# (retrieval transcodes several instances in parallel); its calls take turns.  The other encoders and
+# every decoder used here were run two threads at a time without harm.
+_NOT_THREAD_SAFE = {U.JPEG2000Lossless: threading.Lock()}
+
+
 def encode_as(native: Dataset, target: UID, device: str = "auto", batch_size: int = 8) -> Dataset:
     """A copy of the natively encoded ``native`` in ``target`` (lossless; same SOP Instance UID)."""
     out = copy.deepcopy(native)
@@ -144,7 +151,12 @@ def encode_as(native: Dataset, target: UID, device: str = "auto", batch_size: in
             # PS3.5 8.2.4: RGB in JPEG 2000 Lossless is sent with the reversible colour transform,
             # labelled YBR_RCT (what IODs such as US require); pydicom applies the transform
             out.PhotometricInterpretation = "YBR_RCT"
-        out.compress(target, generate_instance_uid=False)
+        lock = _NOT_THREAD_SAFE.get(target)
+        if lock is None:
+            out.compress(target, generate_instance_uid=False)
+        else:
+            with lock:
+                out.compress(target, generate_instance_uid=False)
         return out
     raise TranscodeError(f"cannot produce {target.name}")
 

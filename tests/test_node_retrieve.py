@@ -243,3 +243,29 @@ def test_sub_operations_stop_at_cancel_without_sending_the_rest(node):
     for status, ds in ops:
         seen.append((status, ds))
     assert [s for s, _ in seen] == [0xFF00, 0xFF00, 0xFE00] and seen[-1][1] is None
+
+
+def test_jpeg2000_transcoding_in_parallel_threads_does_not_crash(node):
+    """pydicom's JPEG 2000 encoder is not thread-safe; retrieval transcodes in parallel. Run in a child
+    process so that a crash fails this test instead of ending the test session."""
+    import subprocess
+    import sys
+    code = """
+import copy, threading
+import dicom_nncodec
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import JPEG2000Lossless
+from scp import transcode
+src = dcmread(get_testdata_file("CT_small.dcm"))
+def work():
+    for _ in range(60):
+        out = transcode.encode_as(src, JPEG2000Lossless)
+        assert out.file_meta.TransferSyntaxUID == JPEG2000Lossless
+threads = [threading.Thread(target=work) for _ in range(3)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
