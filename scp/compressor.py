@@ -38,13 +38,14 @@ import numpy as np
 import pydicom.pixels
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRBigEndian
 
 import dicom_nncodec
 from dicom_nncodec import NNCodecLossless, NNCodecLossy, UnsupportedPixelData
 from dicom_nncodec.dataset import compression_ratio, encoded_frames
 from dicom_nncodec.pixels import PixelFormat
 
-from . import checks, faults, isolation
+from . import checks, faults, isolation, transcode
 from . import rules as R
 from .ceilings import ratio_text
 from .config import Config
@@ -96,10 +97,14 @@ def frame_ratios(ds: Dataset) -> list[float]:
 
 
 def compress_verified(ds: Dataset, decision: R.Decision, device: str, batch_size: int) -> Dataset:
-    """Compress ``ds`` in place as ``decision`` says and prove the result decodes as required."""
+    """Compress ``ds`` as ``decision`` says and prove the result decodes as required; the result (``ds``
+    itself, or its little-endian copy for a big-endian source)."""
     dicom_nncodec.fix_transfer_syntax(ds)
     if "PixelData" not in ds:
         raise UnsupportedPixelData("no Pixel Data")
+    if ds.file_meta.TransferSyntaxUID == ExplicitVRBigEndian:
+        # the result is little endian: pydicom's writer would leave OW/OF/OL/OD values big-endian
+        ds = transcode.little_endian(ds)
     surplus = checks.pixel_surplus(ds, ds.file_meta.TransferSyntaxUID)
     if surplus:          # coding the described pixels would drop the rest
         raise UnsupportedPixelData(checks.surplus_reason(surplus))
@@ -302,11 +307,11 @@ class Compressor:
                 decision = R.cap(decision, self.cfg.lossy_ceilings, _attribute(ds, "Modality"),
                                  _attribute(ds, "BodyPartExamined"))
                 try:
-                    compress_verified(ds, decision, self.cfg.device, self.cfg.batch_size)
+                    ds = compress_verified(ds, decision, self.cfg.device, self.cfg.batch_size)
                 except AboveCeiling as exc:
                     decision = R.lossless_instead(decision, str(exc))
                     ds = dcmread(self.storage.abspath(job.path))
-                    compress_verified(ds, decision, self.cfg.device, self.cfg.batch_size)
+                    ds = compress_verified(ds, decision, self.cfg.device, self.cfg.batch_size)
         except UnsupportedPixelData as exc:     # also a ratio the codec cannot reach for this image
             at = f" at {ratio_text(decision.ratio)}" if decision.action == R.RATIO else ""
             self.index.finish_unchanged(job, KEPT, f"not supported by the codec{at}: {exc}")

@@ -27,7 +27,7 @@ from pynetdicom.dsutils import encode_file_meta
 
 import dicom_nncodec
 
-from . import checks, faults, isolation
+from . import checks, faults, isolation, roundtrip
 from .checks import CANNOT_UNDERSTAND, DUPLICATE, OUT_OF_RESOURCES, SUCCESS, StoreRefused
 from .config import Config
 from .index import COMPRESSED, KEPT, NOT_IMAGE, PENDING, Index, facts_from_dataset
@@ -132,6 +132,10 @@ class Ingest:
             except Exception as exc:
                 raise StoreRefused(CANNOT_UNDERSTAND, f"attributes cannot be read: {type(exc).__name__}: {exc}") \
                     from None
+            # what is acknowledged must come back: as retrieval reads and encodes it, and decodable
+            roundtrip.check(staged.path, meta.TransferSyntaxUID, rx.dataset)
+            if "PixelData" in ds and dicom_nncodec.syntax.registered(meta.TransferSyntaxUID) is not None:
+                self._decode_private(ds)
             faults.point("ingest.staged")
             path = staged.commit()
         except BaseException:
@@ -165,6 +169,17 @@ class Ingest:
         if result.queued:
             self.on_queued()
         return SUCCESS
+
+    def _decode_private(self, ds) -> None:
+        """A data set received in a private syntax is stored as it is and served as it is, never
+        re-encoded by this node's compressor: every frame is decoded once now (model id, CRC-32 of the
+        pixels) so that a damaged one is refused while the sender still holds the original."""
+        try:
+            dicom_nncodec.dataset.verify(ds, device=self.cfg.device, batch_size=self.cfg.batch_size)
+        except OSError:
+            raise                          # (the staged file cannot be read: not the data set's fault)
+        except Exception as exc:
+            raise StoreRefused(CANNOT_UNDERSTAND, f"private pixel data does not decode: {exc}") from None
 
     def _duplicate(self, sop_uid: str, rx: Received) -> int:
         if self.cfg.duplicates == "reject":

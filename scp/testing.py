@@ -144,9 +144,10 @@ def find(port: int, identifier: Dataset, model, calling_ae: str = "SCU") -> tupl
 
 
 def get(port: int, identifier: Dataset, model, sop_classes: Iterable[str], syntaxes: Iterable,
-        calling_ae: str = "SCU") -> tuple[Dataset, list[tuple[str, Dataset]]]:
+        calling_ae: str = "SCU", raw: bool = False) -> tuple[Dataset, list[tuple[str, Dataset]]]:
     """C-GET accepting ``syntaxes`` for ``sop_classes``: (final status dataset, [(syntax, dataset)]).
-    The final status carries the Failed SOP Instance UID List when the response had one."""
+    The final status carries the Failed SOP Instance UID List when the response had one.  With
+    ``raw``, each received data set is given as the bytes that came on the wire, not decoded."""
     from pynetdicom import build_role
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(model)
@@ -156,6 +157,9 @@ def get(port: int, identifier: Dataset, model, sop_classes: Iterable[str], synta
     received: list[tuple[str, Dataset]] = []
 
     def on_store(event):
+        if raw:
+            received.append((str(event.context.transfer_syntax), event.request.DataSet.getvalue()))
+            return 0x0000
         ds = event.dataset
         ds.file_meta = event.file_meta
         dicom_nncodec.fix_transfer_syntax(ds)

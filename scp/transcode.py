@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
+from io import BytesIO
 from typing import Iterable
 
-import numpy as np
 import pydicom.uid as U
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
 import dicom_nncodec
 from dicom_nncodec import NNCodecLossless, NNCodecLossy
 
-from . import checks, isolation
+from . import checks, encoding, isolation
 
 log = logging.getLogger("scp.transcode")
 
@@ -108,21 +112,38 @@ def decoded(ds: Dataset, device: str = "auto", batch_size: int = 8) -> Dataset:
     if dicom_nncodec.syntax.registered(ts) is not None:
         return dicom_nncodec.decompress(ds, device=device, batch_size=batch_size)
     if ts == U.ExplicitVRBigEndian:
-        return _big_to_little(ds)
+        return little_endian(ds)
     if ts.is_compressed:
         ds.decompress(generate_instance_uid=False)
     return ds
 
 
-def _big_to_little(ds: Dataset) -> Dataset:
-    arr = ds.pixel_array
-    data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
-    if int(ds.get("SamplesPerPixel", 1)) > 1:
-        ds.PlanarConfiguration = 0
-    ds.PixelData = data + (b"\x00" if len(data) % 2 else b"")
-    ds.file_meta.TransferSyntaxUID = U.ExplicitVRLittleEndian
-    ds.set_original_encoding(False, True)
-    return ds
+def served(ds: Dataset, implicit: bool, little: bool = True) -> bytes:
+    """``ds`` encoded as pynetdicom encodes a C-STORE data set (``pynetdicom.dsutils.encode``), but
+    raising what pydicom raises instead of logging it."""
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = implicit, little
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # (what would change is found by scp.roundtrip, not by a warning)
+        write_dataset(fp, ds)
+    return fp.parent.getvalue()
+
+
+def little_endian(ds: Dataset) -> Dataset:
+    """A copy of the Explicit VR Big Endian ``ds`` in Explicit VR Little Endian, every value converted.
+
+    Why not pydicom's writer: it converts numbers (US, SL, FD, AT ...) but writes OW/OL/OF/OD/OV
+    values and Pixel Data in their big-endian byte order; :func:`scp.encoding.to_little_endian`
+    swaps each value by its VR (Pixel Data by Bits Allocated), in nested sequences too.  With or
+    without Pixel Data; raises :class:`scp.encoding.Malformed` for what cannot be converted."""
+    elements = encoding.to_little_endian(encoding.parse(served(ds, False, False), False, False))
+    out = read_dataset(BytesIO(encoding.write(elements, False, True)), False, True)
+    out.file_meta = copy.deepcopy(ds.file_meta)
+    out.file_meta.TransferSyntaxUID = U.ExplicitVRLittleEndian
+    for name in ("preamble", "filename"):
+        if getattr(ds, name, None) is not None:
+            setattr(out, name, getattr(ds, name))
+    return out
 
 
 def encode_as(native: Dataset, target: UID, device: str = "auto", batch_size: int = 8) -> Dataset:
