@@ -92,7 +92,8 @@ def proposals(stored: Iterable[str], preference: Iterable[UID]) -> list[UID]:
 
 def candidates(stored: str, accepted: set, preference: Iterable[UID]) -> list[UID]:
     """Targets to try, in order: the stored syntax if accepted (also an uncompressed one that
-    pynetdicom converts itself), then each accepted producible syntax of the preference."""
+    pynetdicom converts itself), then each accepted producible syntax of the preference, then any
+    accepted uncompressed little-endian syntax the preference leaves out."""
     stored = syntax(stored)
     out: list[UID] = []
     if stored in accepted:
@@ -101,6 +102,9 @@ def candidates(stored: str, accepted: set, preference: Iterable[UID]) -> list[UI
         out.append(stored)
     for p in preference:
         if p in accepted and p in PRODUCIBLE and p not in out:
+            out.append(p)
+    for p in (U.ExplicitVRLittleEndian, U.ImplicitVRLittleEndian, U.DeflatedExplicitVRLittleEndian):
+        if p in accepted and p not in out:      # always producible: a receiver of only Deflated still gets it
             out.append(p)
     return out
 

@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import struct
 import zlib
-from io import BytesIO
 
 import numpy as np
 import pytest
@@ -28,8 +27,6 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
                          ImplicitVRLittleEndian, generate_uid)
-from pynetdicom import AE
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import SecondaryCaptureImageStorage, StudyRootQueryRetrieveInformationModelGet as GET
 
 import dicom_nncodec
@@ -37,7 +34,7 @@ from dicom_nncodec import bitstream as B
 from dicom_nncodec.dataset import encoded_frames
 from scp import encoding, roundtrip
 from scp.index import NOT_IMAGE
-from scp.testing import encoded, exchange, get, running_node, send
+from scp.testing import encoded, get, running_node, send, store_bytes
 from scp.transcode import served
 from tests.imaging import make_dataset, smooth_image
 
@@ -71,34 +68,6 @@ def deflate(data: bytes) -> bytes:
 
 def with_element_at_front(data: bytes, extra: bytes) -> bytes:
     return extra + data
-
-
-def store_exactly(port: int, items) -> list[int | None]:
-    """C-STORE (SOP Class, SOP Instance, syntax, bytes) on one association, each data set exactly as
-    given (``send_raw`` goes through a file, whose File Meta reader would take leading group 0002
-    elements of the data set for its own); the statuses, None where no C-STORE response came."""
-    items = list(items)
-    ae = AE(ae_title="SCU")
-    ae.dimse_timeout = 30
-    for sop_class, ts in dict.fromkeys((sc, ts) for sc, _, ts, _ in items):
-        ae.add_requested_context(sop_class, [ts])
-    assoc = ae.associate("127.0.0.1", port, ae_title="NNCODEC")
-    assert assoc.is_established
-    out = []
-    try:
-        for n, (sop_class, sop_uid, ts, data) in enumerate(items, 1):
-            cx = next(c.context_id for c in assoc.accepted_contexts
-                      if c.abstract_syntax == sop_class and c.transfer_syntax[0] == ts)
-            req = C_STORE()
-            req.MessageID, req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = n, sop_class, sop_uid
-            req.Priority = 2
-            req.DataSet = BytesIO(data)
-            rsp = exchange(assoc, req, cx)
-            out.append(int(rsp.Status) if isinstance(rsp, C_STORE) and rsp.Status is not None else None)
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return out
 
 
 def hostile_cases():
@@ -157,7 +126,7 @@ def test_a_data_set_that_would_not_come_back_as_sent_is_refused(tmp_path, case, 
     ts, data, ds, why = CASES[case]()
     good = image(99)
     with running_node(tmp_path / "s", compression={"workers": 0}) as node:
-        statuses = store_exactly(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data),
+        statuses = store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data),
                                         (good.SOPClassUID, good.SOPInstanceUID, ExplicitVRLittleEndian,
                                          encoded(good))])
         assert statuses == [C000, OK]                 # refused, and the association goes on
@@ -192,7 +161,7 @@ def long_name_image() -> tuple[str, bytes, Dataset]:
 def test_an_acknowledged_data_set_comes_back_bit_exact(tmp_path, source):
     ts, data, ds = long_name_image() if source == "long name" else raw_data_set(get_testdata_file(source))
     with running_node(tmp_path / "s", peers=PEERS, compression={"workers": 0}) as node:
-        assert store_exactly(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)]) == [OK]
+        assert store_bytes(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID, ts, data)]) == [OK]
         final, back = get(node.port, study(ds.StudyInstanceUID), GET, [ds.SOPClassUID], [ts], raw=True)
         assert final.Status == OK and len(back) == 1 and back[0][0] == ts
         assert inflated(ts, back[0][1]) == inflated(ts, data)            # the bytes as sent
@@ -343,7 +312,7 @@ def test_big_endian_instances_reach_a_little_endian_receiver_with_every_value_co
         originals.append(ds)
     sent = [(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRBigEndian, served(ds, False, False)) for ds in originals]
     with running_node(tmp_path / "s", peers=PEERS, compression={"workers": workers}) as node:
-        assert store_exactly(node.port, sent) == [OK] * len(sent)
+        assert store_bytes(node.port, sent) == [OK] * len(sent)
         if workers:
             assert node.compressor.wait_idle(300)
         classes = sorted({ds.SOPClassUID for ds in originals})
