@@ -7,8 +7,11 @@ exactly as it arrived on the wire, behind File Meta Information written by
 this implementation.  It is staged in tmp/ first and checked there
 (:mod:`scp.checks`: UIDs, SOP class, pixel data against its description,
 private frames' checksums) so that nothing refused ever reaches objects/ and
-no second copy of a large data set is held in memory; the pixels are never
-decoded here.  Native Pixel Data with more bytes than its description is
+no second copy of a large data set is held in memory.  There it is also read
+and encoded again as retrieval would send it (:mod:`scp.roundtrip`): what
+would not come back as it was sent is refused, not acknowledged.  Pixels are
+decoded here only for the private syntaxes, which are stored and served as
+received: a frame that does not decode to its CRC is refused.  Native Pixel Data with more bytes than its description is
 stored and kept exactly as received (state ``kept``, never compressed or
 transcoded), so that the surplus is returned as it came.  A failure to write (a full disk, a read-only or unwritable
 folder, an index that cannot commit) is answered A700: the sender may retry,

@@ -9,7 +9,8 @@ preference that it accepted.  Every target here is lossless, so a receiver
 gets exactly the stored pixels.  An instance whose native Pixel Data holds
 more bytes than its description goes only to a receiver that accepted an
 uncompressed syntax of its byte order, exactly as stored (decoding would drop
-the surplus).
+the surplus).  Explicit VR Big Endian goes to a little-endian receiver with every value converted
+(:func:`little_endian`), header and nested sequences included, not only the pixels.
 """
 from __future__ import annotations
 
