@@ -147,7 +147,7 @@ def _encapsulated(rng, ds, frames_of_private: list[bytes]) -> str:
         for _ in range(rng.randint(1, 4)):
             frame[rng.randrange(len(frame))] ^= 1 << rng.randrange(8)
         frames = [bytes(frame)]
-    frames = [f + b"\x00" * (len(f) % 2) for f in frames]
+    frames = [f + b"\x00" * (len(f) % 2) or b"\x00\x00" for f in frames]
     ds.PixelData = encapsulate(frames) if frames else b""
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
@@ -177,7 +177,16 @@ def _hostile_uid(rng) -> str:
 
 
 def make_case(rng: random.Random, n: int, studies: list[str], private_frames: list[bytes]) -> Case:
-    """Input ``n``: a base image, encoded in a syntax, mutated in one way."""
+    """Input ``n``: a base image, encoded in a syntax, mutated in one way (a mutation that pydicom will not
+    even build becomes the unmutated image, marked "unwritable"; the generator stays seeded)."""
+    try:
+        return _make_case(rng, n, studies, private_frames)
+    except Exception:
+        ds = base_image(random.Random(n), studies[0])
+        return Case(n, "unwritable", str(U.ExplicitVRLittleEndian), SC, ds.SOPInstanceUID, served(ds, False, True))
+
+
+def _make_case(rng: random.Random, n: int, studies: list[str], private_frames: list[bytes]) -> Case:
     ds = base_image(rng, rng.choice(studies))
     mutation = rng.choice(MUTATIONS)
     ts = rng.choices([U.ExplicitVRLittleEndian, U.ImplicitVRLittleEndian, U.DeflatedExplicitVRLittleEndian,
@@ -192,7 +201,10 @@ def make_case(rng: random.Random, n: int, studies: list[str], private_frames: li
         except Exception:
             ts = U.ExplicitVRLittleEndian
     if mutation == "geometry":
-        _geometry(rng, ds)
+        try:
+            _geometry(rng, ds)
+        except ValueError:         # (pydicom will not even hold this value: that input is the unmutated one)
+            mutation = "none"
     elif mutation == "pixel-length" and ts != dicom_nncodec.NNCodecLossless:
         data = bytes(ds.PixelData)
         cut = rng.choice([-2, -1, 1, 2, 7, len(data)])
