@@ -343,7 +343,11 @@ def retrieve_and_compare(port: int, acked: dict, tally: Tally, calling_ae: str =
         # (big endian also as Explicit VR Little Endian: once compressed, it is no longer produced)
         syntaxes = [dicom_nncodec.syntax.registered(ts) or U.UID(ts)] + \
             ([U.ExplicitVRLittleEndian] if ts == U.ExplicitVRBigEndian else [])
-        final, back = get(port, ident, GET, [SC], syntaxes, calling_ae=calling_ae, raw=True)
+        try:
+            final, back = get(port, ident, GET, [SC], syntaxes, calling_ae=calling_ae, raw=True)
+        except ConnectionError as exc:
+            tally.returned_wrong += [(c.sop_uid, f"#{c.n} {c.mutation}: C-GET proposing {ts}: {exc}") for c in items]
+            continue
         got = {}
         for back_ts, data in back:
             try:
