@@ -155,12 +155,8 @@ def verify_file(src: Path, device: str = "auto") -> Result:
         ds = _read(src)
         if registered(ds.file_meta.get("TransferSyntaxUID", "")) is None:
             return Result(str(src), "skipped", "not dicom-nncodec")
-        frames = D.encoded_frames(ds)
-        from . import codec
-        from .pixels import PixelFormat
-        codec.decode_frames(frames, PixelFormat.from_dataset(ds), device=device,
-                            lossless_only=ds.file_meta.TransferSyntaxUID == NNCodecLossless)
-        return Result(str(src), "ok", f"{len(frames)} frame(s) verified")
+        n = D.verify(ds, device=device)
+        return Result(str(src), "ok", f"{n} frame(s) verified")
     except Exception as exc:
         return Result(str(src), "failed", str(exc) if isinstance(exc, NNCodecError) else
                       f"{type(exc).__name__}: {exc}")

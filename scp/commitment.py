@@ -34,9 +34,6 @@ from pynetdicom import AE, build_role
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
 
 import dicom_nncodec
-from dicom_nncodec import NNCodecLossless, codec
-from dicom_nncodec.dataset import encoded_frames
-from dicom_nncodec.pixels import PixelFormat
 
 from . import checks, isolation
 from . import rules as R
@@ -224,10 +221,7 @@ class Commitments:
         if "PixelData" in ds and private:
             try:            # not verified by this node's own compressor: decode every frame, check its CRC
                 with isolation.contained(f"decoding stored {sop_uid}"):
-                    dicom_nncodec.fix_transfer_syntax(ds)
-                    codec.decode_frames(encoded_frames(ds), PixelFormat.from_dataset(ds), device=self.cfg.device,
-                                        batch_size=self.cfg.batch_size,
-                                        lossless_only=kept.transfer_syntax == NNCodecLossless)
+                    dicom_nncodec.dataset.verify(ds, device=self.cfg.device, batch_size=self.cfg.batch_size)
             except Exception as exc:
                 return PROCESSING_FAILURE, f"its frames do not decode ({exc})"
         return 0, ""

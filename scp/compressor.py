@@ -51,6 +51,7 @@ import pydicom.pixels
 import pydicom.uid as U
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRBigEndian
 
 import dicom_nncodec
 from dicom_nncodec import NNCodecLossless, NNCodecLossy, UnsupportedPixelData
@@ -114,14 +115,17 @@ STANDARD_TARGETS = {R.JPEGXL: JPEGXLLossless, R.HTJ2K: U.HTJ2KLossless}
 
 
 def compress_verified(ds: Dataset, decision: R.Decision, device: str, batch_size: int) -> Dataset:
-    """``ds`` compressed as ``decision`` says, proven to decode as required (the learned codec
-    works on ``ds`` in place; a standard codec returns a new dataset).  Every lossless action,
-    learned or standard, is checked the same way: bit-exact against the stored pixels."""
+    """``ds`` compressed as ``decision`` says, proven to decode as required; the result (``ds`` itself,
+    its little-endian copy for a big-endian source, or the new dataset a standard codec returns).  Every
+    lossless action, learned or standard, is checked the same way: bit-exact against the stored pixels."""
     if decision.action == R.SMALLEST:
         return _smallest(ds, decision, device, batch_size)
     dicom_nncodec.fix_transfer_syntax(ds)
     if "PixelData" not in ds:
         raise UnsupportedPixelData("no Pixel Data")
+    if ds.file_meta.TransferSyntaxUID == ExplicitVRBigEndian:
+        # the result is little endian: pydicom's writer would leave OW/OF/OL/OD values big-endian
+        ds = transcode.little_endian(ds)
     surplus = checks.pixel_surplus(ds, ds.file_meta.TransferSyntaxUID)
     if surplus:          # coding the described pixels would drop the rest
         raise UnsupportedPixelData(checks.surplus_reason(surplus))

@@ -44,9 +44,7 @@ from pydicom import dcmread
 from sqlalchemy.engine import make_url
 
 import dicom_nncodec
-from dicom_nncodec import NNCodecLossless, codec
-from dicom_nncodec.dataset import encoded_frames
-from dicom_nncodec.pixels import PixelFormat
+from dicom_nncodec import NNCodecLossless
 
 from . import checks, isolation
 from . import config as C
@@ -110,10 +108,8 @@ class Fsck:
         if dicom_nncodec.syntax.registered(ts) is not None:
             try:
                 with isolation.contained(f"decoding {ds.get('SOPInstanceUID', '')}"):
-                    frames = encoded_frames(ds)
-                    codec.decode_frames(frames, PixelFormat.from_dataset(ds), device=self.cfg.device,
-                                        batch_size=self.cfg.batch_size, lossless_only=ts == NNCodecLossless)
-                self.frames += len(frames)
+                    self.frames += dicom_nncodec.dataset.verify(ds, device=self.cfg.device,
+                                                                batch_size=self.cfg.batch_size)
             except Exception as exc:
                 return f"{type(exc).__name__}: {exc}"
             return ""

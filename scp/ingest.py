@@ -8,8 +8,11 @@ exactly as it arrived on the wire, behind File Meta Information written by
 this implementation.  It is staged in tmp/ first and checked there
 (:mod:`scp.checks`: UIDs, SOP class, pixel data against its description,
 private frames' checksums) so that nothing refused ever reaches objects/ and
-no second copy of a large data set is held in memory; the pixels are never
-decoded here.  Native Pixel Data with more bytes than its description is
+no second copy of a large data set is held in memory.  There it is also read
+and encoded again as retrieval would send it (:mod:`scp.roundtrip`): what
+would not come back as it was sent is refused, not acknowledged.  Pixels are
+decoded here only for the private syntaxes, which are stored and served as
+received: a frame that does not decode to its CRC is refused.  Native Pixel Data with more bytes than its description is
 stored and kept exactly as received (state ``kept``, never compressed or
 transcoded), so that the surplus is returned as it came.  A failure to write (a full disk, a read-only or unwritable
 folder, an index that cannot commit) is answered A700: the sender may retry,
@@ -28,7 +31,7 @@ from pynetdicom.dsutils import encode_file_meta
 
 import dicom_nncodec
 
-from . import checks, faults, isolation
+from . import checks, faults, isolation, roundtrip
 from . import rules as R
 from .checks import CANNOT_UNDERSTAND, DUPLICATE, OUT_OF_RESOURCES, SUCCESS, StoreRefused
 from .config import Config
@@ -134,6 +137,10 @@ class Ingest:
             except Exception as exc:
                 raise StoreRefused(CANNOT_UNDERSTAND, f"attributes cannot be read: {type(exc).__name__}: {exc}") \
                     from None
+            # what is acknowledged must come back: as retrieval reads and encodes it, and decodable
+            roundtrip.check(staged.path, meta.TransferSyntaxUID, rx.dataset)
+            if "PixelData" in ds and dicom_nncodec.syntax.registered(meta.TransferSyntaxUID) is not None:
+                self._decode_private(ds)
             faults.point("ingest.staged")
             path = staged.commit()
         except BaseException:
@@ -176,6 +183,17 @@ class Ingest:
                                                     facts.bits_stored, facts.photometric, facts.transfer_syntax,
                                                     facts.body_part), self.cfg.lossy_ceilings)
         return decision.after
+
+    def _decode_private(self, ds) -> None:
+        """A data set received in a private syntax is stored as it is and served as it is, never
+        re-encoded by this node's compressor: every frame is decoded once now (model id, CRC-32 of the
+        pixels) so that a damaged one is refused while the sender still holds the original."""
+        try:
+            dicom_nncodec.dataset.verify(ds, device=self.cfg.device, batch_size=self.cfg.batch_size)
+        except OSError:
+            raise                          # (the staged file cannot be read: not the data set's fault)
+        except Exception as exc:
+            raise StoreRefused(CANNOT_UNDERSTAND, f"private pixel data does not decode: {exc}") from None
 
     def _duplicate(self, sop_uid: str, rx: Received) -> int:
         if self.cfg.duplicates == "reject":

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 
 import dicom_nncodec
@@ -149,9 +150,10 @@ def find(port: int, identifier: Dataset, model, calling_ae: str = "SCU") -> tupl
 
 
 def get(port: int, identifier: Dataset, model, sop_classes: Iterable[str], syntaxes: Iterable,
-        calling_ae: str = "SCU") -> tuple[Dataset, list[tuple[str, Dataset]]]:
+        calling_ae: str = "SCU", raw: bool = False) -> tuple[Dataset, list[tuple[str, Dataset]]]:
     """C-GET accepting ``syntaxes`` for ``sop_classes``: (final status dataset, [(syntax, dataset)]).
-    The final status carries the Failed SOP Instance UID List when the response had one."""
+    The final status carries the Failed SOP Instance UID List when the response had one.  With
+    ``raw``, each received data set is given as the bytes that came on the wire, not decoded."""
     from pynetdicom import build_role
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(model)
@@ -161,6 +163,9 @@ def get(port: int, identifier: Dataset, model, sop_classes: Iterable[str], synta
     received: list[tuple[str, Dataset]] = []
 
     def on_store(event):
+        if raw:
+            received.append((str(event.context.transfer_syntax), event.request.DataSet.getvalue()))
+            return 0x0000
         ds = event.dataset
         ds.file_meta = event.file_meta
         dicom_nncodec.fix_transfer_syntax(ds)
@@ -268,6 +273,51 @@ def exchange(assoc, primitive, context_id: int):
         return rsp
     finally:
         assoc._reactor_checkpoint.set()
+
+
+def store_bytes(port: int, items, calling_ae: str = "SCU", dimse_timeout: float = 30,
+                on_status=None) -> list[int | None]:
+    """C-STORE data sets given as (SOP Class UID, SOP Instance UID, transfer syntax UID, encoded bytes)
+    on one association, each exactly as given: the request's Affected UIDs are the first two, the bytes
+    go on the wire unparsed (``send_raw`` goes through a file, whose File Meta reader would take leading
+    group 0002 elements of the data set for its own).  The statuses, None where no C-STORE response came
+    (the rest are None once the association is gone).  ``on_status(i, status)`` is called as each comes."""
+    from pynetdicom.dimse_primitives import C_STORE
+    from io import BytesIO
+    items = list(items)
+    ae = AE(ae_title=calling_ae)
+    ae.dimse_timeout = dimse_timeout
+    for sop_class, ts in dict.fromkeys((sc, ts) for sc, _, ts, _ in items):
+        ae.add_requested_context(sop_class, [ts])
+    assoc = ae.associate("127.0.0.1", port, ae_title="NNCODEC")
+    if not assoc.is_established:
+        raise ConnectionError("association not established")
+    out: list[int | None] = []
+    try:
+        for n, (sop_class, sop_uid, ts, data) in enumerate(items):
+            status = None
+            if assoc.is_established:
+                cx = next((c.context_id for c in assoc.accepted_contexts
+                           if c.abstract_syntax == sop_class and c.transfer_syntax[0] == ts), None)
+                if cx is not None:
+                    req = C_STORE()
+                    req.MessageID, req.Priority = n % 65535 + 1, 2
+                    req.AffectedSOPClassUID = sop_class
+                    req._affected_sop_instance_uid = UID(sop_uid)       # (not validated: as given)
+                    req.DataSet = BytesIO(data)
+                    try:
+                        rsp = exchange(assoc, req, cx)
+                    except Exception:
+                        rsp = None
+                    if isinstance(rsp, C_STORE) and rsp.Status is not None:
+                        status = int(rsp.Status)
+            out.append(status)
+            if on_status is not None:
+                on_status(n, status)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return out
 
 
 def encoded(ds: Dataset, implicit: bool = False) -> bytes:

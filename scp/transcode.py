@@ -9,25 +9,30 @@ preference that it accepted.  Every target here is lossless, so a receiver
 gets exactly the stored pixels.  An instance whose native Pixel Data holds
 more bytes than its description goes only to a receiver that accepted an
 uncompressed syntax of its byte order, exactly as stored (decoding would drop
-the surplus).
+the surplus).  Explicit VR Big Endian goes to a little-endian receiver with every value converted
+(:func:`little_endian`), header and nested sequences included, not only the pixels.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import threading
+import warnings
+from io import BytesIO
 from typing import Iterable
 
-import numpy as np
 import pydicom.uid as U
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.filewriter import write_dataset
 from pydicom.uid import UID
 
 import dicom_nncodec
 from dicom_nncodec import NNCodecLossless, NNCodecLossy
 from dicom_nncodec.syntax import JPEGXL, JPEGXLJPEGRecompression, JPEGXLLossless
 
-from . import checks, isolation
+from . import checks, encoding, isolation
 
 log = logging.getLogger("scp.transcode")
 
@@ -93,7 +98,8 @@ def proposals(stored: Iterable[str], preference: Iterable[UID]) -> list[UID]:
 
 def candidates(stored: str, accepted: set, preference: Iterable[UID]) -> list[UID]:
     """Targets to try, in order: the stored syntax if accepted (also an uncompressed one that
-    pynetdicom converts itself), then each accepted producible syntax of the preference."""
+    pynetdicom converts itself), then each accepted producible syntax of the preference, then any
+    accepted uncompressed little-endian syntax the preference leaves out."""
     stored = syntax(stored)
     out: list[UID] = []
     if stored in accepted:
@@ -102,6 +108,9 @@ def candidates(stored: str, accepted: set, preference: Iterable[UID]) -> list[UI
         out.append(stored)
     for p in preference:
         if p in accepted and p in PRODUCIBLE and p not in out:
+            out.append(p)
+    for p in (U.ExplicitVRLittleEndian, U.ImplicitVRLittleEndian, U.DeflatedExplicitVRLittleEndian):
+        if p in accepted and p not in out:      # always producible: a receiver of only Deflated still gets it
             out.append(p)
     return out
 
@@ -113,21 +122,38 @@ def decoded(ds: Dataset, device: str = "auto", batch_size: int = 8) -> Dataset:
     if dicom_nncodec.syntax.registered(ts) is not None:
         return dicom_nncodec.decompress(ds, device=device, batch_size=batch_size)
     if ts == U.ExplicitVRBigEndian:
-        return _big_to_little(ds)
+        return little_endian(ds)
     if ts.is_compressed:
         ds.decompress(generate_instance_uid=False)
     return ds
 
 
-def _big_to_little(ds: Dataset) -> Dataset:
-    arr = ds.pixel_array
-    data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
-    if int(ds.get("SamplesPerPixel", 1)) > 1:
-        ds.PlanarConfiguration = 0
-    ds.PixelData = data + (b"\x00" if len(data) % 2 else b"")
-    ds.file_meta.TransferSyntaxUID = U.ExplicitVRLittleEndian
-    ds.set_original_encoding(False, True)
-    return ds
+def served(ds: Dataset, implicit: bool, little: bool = True) -> bytes:
+    """``ds`` encoded as pynetdicom encodes a C-STORE data set (``pynetdicom.dsutils.encode``), but
+    raising what pydicom raises instead of logging it."""
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = implicit, little
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")     # (what would change is found by scp.roundtrip, not by a warning)
+        write_dataset(fp, ds)
+    return fp.parent.getvalue()
+
+
+def little_endian(ds: Dataset) -> Dataset:
+    """A copy of the Explicit VR Big Endian ``ds`` in Explicit VR Little Endian, every value converted.
+
+    Why not pydicom's writer: it converts numbers (US, SL, FD, AT ...) but writes OW/OL/OF/OD/OV
+    values and Pixel Data in their big-endian byte order; :func:`scp.encoding.to_little_endian`
+    swaps each value by its VR (Pixel Data by Bits Allocated), in nested sequences too.  With or
+    without Pixel Data; raises :class:`scp.encoding.Malformed` for what cannot be converted."""
+    elements = encoding.to_little_endian(encoding.parse(served(ds, False, False), False, False))
+    out = read_dataset(BytesIO(encoding.write(elements, False, True)), False, True)
+    out.file_meta = copy.deepcopy(ds.file_meta)
+    out.file_meta.TransferSyntaxUID = U.ExplicitVRLittleEndian
+    for name in ("preamble", "filename"):
+        if getattr(ds, name, None) is not None:
+            setattr(out, name, getattr(ds, name))
+    return out
 
 
 # pydicom's JPEG 2000 encoder (pylibjpeg-openjpeg) crashes the process when two threads encode at once

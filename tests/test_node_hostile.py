@@ -210,9 +210,9 @@ def panicking_decode(*args, **kwargs):
 
 def test_a_panicking_decoder_is_a_failed_storage_commitment(tmp_path, monkeypatch):
     ds = private_image(12)
-    monkeypatch.setattr(dicom_nncodec.codec, "decode_frames", panicking_decode)
     with running_node(tmp_path / "s", peers=PEERS, compression={"workers": 0}) as node:
-        assert send(node.port, [ds]) == [OK]
+        assert send(node.port, [ds]) == [OK]            # (decoded once at ingest, before the decoder breaks)
+        monkeypatch.setattr(dicom_nncodec.codec, "decode_frames", panicking_decode)
         scu = CommitmentSCU()
         code, _ = scu.ask(node.port, [(ds.SOPClassUID, ds.SOPInstanceUID)], wait=30)
         assert code == 0 and len(scu.reports) == 1, "no storage commitment report"
